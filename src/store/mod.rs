@@ -1,0 +1,132 @@
+//! Persistence: the `OrderStore` trait and its two implementations, SQLite (the embedded default) and
+//! PostgreSQL (production). Knows SQL, knows nothing of gRPC.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use sqlx::migrate::{Migrate, Migrator};
+
+use crate::{
+    config::{Backend, DatabaseSettings},
+    domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
+    error::{Error, Result},
+};
+
+pub use self::{postgres::PostgresStore, sqlite::SqliteStore};
+
+/// Orders as they are read from the database, one at a time.
+pub type OrderStream = BoxStream<'static, Result<Order>>;
+
+/// Where a page of `list` starts: after the order at this position in creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageCursor(i64);
+
+impl PageCursor {
+    pub fn new(position: i64) -> Self {
+        Self(position)
+    }
+
+    pub fn position(self) -> i64 {
+        self.0
+    }
+}
+
+/// One page of orders in creation order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub orders: Vec<Order>,
+    /// Where the next page starts; `None` after the last order.
+    pub next: Option<PageCursor>,
+}
+
+#[async_trait]
+pub trait OrderStore: Send + Sync + 'static {
+    /// Stores a new pending order. With a `request_id` already used, returns the order that request
+    /// created and stores nothing, also when the two requests race.
+    async fn create(&self, details: &OrderDetails, request_id: Option<&RequestId>)
+    -> Result<Order>;
+
+    async fn get(&self, id: OrderId) -> Result<Order>;
+
+    /// Up to `page_size` orders after `after` (from the first order when `None`), in creation order.
+    async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page>;
+
+    /// Every order whose items or description contain `query`, ignoring case, streamed as the rows are
+    /// read so memory does not grow with the number of matches.
+    fn search(&self, query: &str) -> OrderStream;
+
+    /// Applies all updates in one transaction: all of them, or none when any order is unknown or
+    /// already shipped.
+    async fn update(&self, updates: &[OrderUpdate]) -> Result<()>;
+
+    /// Marks pending orders shipped in one transaction and returns them as stored.
+    async fn ship(&self, ids: &[OrderId]) -> Result<Vec<Order>>;
+
+    /// Applies the embedded migrations that are not applied yet.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Succeeds when the database answers and every embedded migration is applied.
+    async fn check_ready(&self) -> Result<()>;
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    async fn close(&self);
+}
+
+/// Builds the store that `settings.url` selects. Opens no connection: the pool connects on first use,
+/// so the server can start (and report NOT_SERVING) while the database is still unreachable.
+pub fn connect(settings: &DatabaseSettings) -> Result<Arc<dyn OrderStore>> {
+    Ok(match settings.url.backend() {
+        Backend::Sqlite => Arc::new(SqliteStore::connect_lazy(settings)?),
+        Backend::Postgres => Arc::new(PostgresStore::connect_lazy(settings)?),
+    })
+}
+
+/// The table in which sqlx records applied migrations.
+const MIGRATIONS_TABLE: &str = "_sqlx_migrations";
+
+/// Fails unless every migration `migrator` embeds has been applied successfully on `conn`.
+async fn ensure_schema_current(conn: &mut impl Migrate, migrator: &Migrator) -> Result<()> {
+    let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
+    let missing: Vec<i64> = migrator
+        .iter()
+        .filter(|migration| !migration.migration_type.is_down_migration())
+        .map(|migration| migration.version)
+        .filter(|version| !applied.iter().any(|done| done.version == *version))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::SchemaBehind(missing))
+    }
+}
+
+/// The error for a conditional write that matched no row: the order is missing, or not pending.
+fn not_pending(id: OrderId, exists: bool) -> Error {
+    if exists {
+        Error::FailedPrecondition(format!("order {id} is already shipped and cannot change"))
+    } else {
+        Error::OrderNotFound(id)
+    }
+}
+
+/// Turns the rows of a `list` query, which asks for one row more than `page_size`, into a page.
+fn page_from_rows<Row>(
+    mut rows: Vec<Row>,
+    page_size: u32,
+    position: impl Fn(&Row) -> i64,
+    into_order: impl Fn(Row) -> Result<Order>,
+) -> Result<Page> {
+    let page_size = usize::try_from(page_size).unwrap_or(usize::MAX);
+    let has_more = rows.len() > page_size;
+    rows.truncate(page_size);
+    let next = match rows.last() {
+        Some(last) if has_more => Some(PageCursor(position(last))),
+        _ => None,
+    };
+    let orders = rows.into_iter().map(into_order).collect::<Result<_>>()?;
+    Ok(Page { orders, next })
+}

@@ -1,0 +1,259 @@
+//! The PostgreSQL store, for production.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use sqlx::{
+    PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+use super::{OrderStore, OrderStream, Page, PageCursor, ensure_schema_current, not_pending};
+use crate::{
+    config::DatabaseSettings,
+    domain::{self, Order, OrderDetails, OrderId, OrderStatus, OrderUpdate, RequestId},
+    error::{Error, Result},
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The columns every query returns, in the order `OrderRow` reads them.
+macro_rules! columns {
+    () => {
+        "seq, id, items, description, price_cents, destination, status, create_time, update_time"
+    };
+}
+
+/// Key of the advisory lock that serialises inserts. A sequence hands out numbers when rows are
+/// inserted, not when they commit: without the lock, an order numbered 10 could commit after a reader
+/// had already paged past 11, and ListOrders would skip it. Holding the lock from before the number
+/// is drawn until commit makes creation order and commit order the same.
+const INSERT_ORDER_LOCK: i64 = 0x6f72_6465_7273; // "orders"
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub fn connect_lazy(settings: &DatabaseSettings) -> Result<Self> {
+        Ok(Self::with_options(
+            PgConnectOptions::from_str(settings.url.expose())?,
+            settings,
+        ))
+    }
+
+    /// A store over connections made from `options`; tests use it to put each test in its own schema.
+    pub fn with_options(options: PgConnectOptions, settings: &DatabaseSettings) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.get())
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.application_name(env!("CARGO_PKG_NAME")));
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl OrderStore for PostgresStore {
+    async fn create(
+        &self,
+        details: &OrderDetails,
+        request_id: Option<&RequestId>,
+    ) -> Result<Order> {
+        let now = domain::now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(INSERT_ORDER_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let inserted: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (id, request_id, items, description, price_cents, destination,",
+            " status, create_time, update_time)",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            " ON CONFLICT (request_id) DO NOTHING",
+            " RETURNING ",
+            columns!()
+        ))
+        .bind(OrderId::generate().as_uuid())
+        .bind(request_id.map(RequestId::as_str))
+        .bind(details.items())
+        .bind(details.description())
+        .bind(details.price_cents())
+        .bind(details.destination())
+        .bind(OrderStatus::Pending.as_str())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+
+        let order = match (inserted, request_id) {
+            (Some(row), _) => row.into_order()?,
+            // The key was used before. Inserts are serialised by the lock above, so the request that
+            // used it has committed and its row is visible to this statement.
+            (None, Some(request_id)) => sqlx::query_as::<_, OrderRow>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM orders WHERE request_id = $1"
+            ))
+            .bind(request_id.as_str())
+            .fetch_one(&mut *tx)
+            .await?
+            .into_order()?,
+            (None, None) => {
+                return Err(Error::CorruptData(
+                    "insert without a request id returned no row".to_owned(),
+                ));
+            }
+        };
+        tx.commit().await?;
+        Ok(order)
+    }
+
+    async fn get(&self, id: OrderId) -> Result<Order> {
+        sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = $1"))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::OrderNotFound(id))?
+            .into_order()
+    }
+
+    async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
+        // One row more than asked tells whether another page follows.
+        let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM orders WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after.map_or(0, PageCursor::position))
+        .bind(i64::from(page_size) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        super::page_from_rows(rows, page_size, |row| row.seq, OrderRow::into_order)
+    }
+
+    fn search(&self, query: &str) -> OrderStream {
+        let pool = self.pool.clone();
+        let query = query.to_owned();
+        Box::pin(async_stream::try_stream! {
+            let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
+                "SELECT ", columns!(), " FROM orders",
+                " WHERE strpos(lower(description), lower($1)) > 0",
+                " OR EXISTS (SELECT 1 FROM unnest(items) AS item WHERE strpos(lower(item), lower($1)) > 0)",
+                " ORDER BY seq"
+            ))
+            .bind(query)
+            .fetch(&pool);
+            while let Some(row) = rows.try_next().await? {
+                yield row.into_order()?;
+            }
+        })
+    }
+
+    async fn update(&self, updates: &[OrderUpdate]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = domain::now();
+        for update in updates {
+            let details = &update.details;
+            let changed = sqlx::query(
+                "UPDATE orders SET items = $1, description = $2, price_cents = $3, destination = $4, \
+                 update_time = $5 WHERE id = $6 AND status = 'PENDING'",
+            )
+            .bind(details.items())
+            .bind(details.description())
+            .bind(details.price_cents())
+            .bind(details.destination())
+            .bind(now)
+            .bind(update.id.as_uuid())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                // Dropping `tx` rolls back everything this batch changed so far.
+                return Err(not_pending(update.id, exists(&mut tx, update.id).await?));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ship(&self, ids: &[OrderId]) -> Result<Vec<Order>> {
+        let mut tx = self.pool.begin().await?;
+        let now = domain::now();
+        let mut shipped = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let row: Option<OrderRow> = sqlx::query_as(concat!(
+                "UPDATE orders SET status = 'SHIPPED', update_time = $1",
+                " WHERE id = $2 AND status = 'PENDING' RETURNING ",
+                columns!()
+            ))
+            .bind(now)
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some(row) => shipped.push(row.into_order()?),
+                None => return Err(not_pending(id, exists(&mut tx, id).await?)),
+            }
+        }
+        tx.commit().await?;
+        Ok(shipped)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        Ok(MIGRATOR.run(&self.pool).await?)
+    }
+
+    async fn check_ready(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        ensure_schema_current(&mut *conn, &MIGRATOR).await
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn exists(conn: &mut PgConnection, id: OrderId) -> Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM orders WHERE id = $1")
+        .bind(id.as_uuid())
+        .fetch_optional(conn)
+        .await?
+        .is_some())
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    seq: i64,
+    id: Uuid,
+    items: Vec<String>,
+    description: String,
+    price_cents: i64,
+    destination: String,
+    status: String,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+}
+
+impl OrderRow {
+    fn into_order(self) -> Result<Order> {
+        let id = OrderId::from(self.id);
+        let status = OrderStatus::from_storage(&self.status).ok_or_else(|| {
+            Error::CorruptData(format!("status {:?} of order {id}", self.status))
+        })?;
+        Ok(Order {
+            id,
+            details: OrderDetails::from_storage(
+                self.items,
+                self.description,
+                self.price_cents,
+                self.destination,
+            ),
+            status,
+            create_time: self.create_time,
+            update_time: self.update_time,
+        })
+    }
+}
