@@ -1,8 +1,14 @@
 //! The order service as a library: everything `main` wires together, and what the tests drive.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod health;
+pub mod healthcheck;
+pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod store;
+pub mod telemetry;

@@ -1,1 +1,41 @@
-fn main(){}
+use std::process::ExitCode;
+
+use anyhow::Context;
+use app::{
+    cli::{Cli, Command},
+    config::Settings,
+    healthcheck, server, store, telemetry,
+};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // On stderr, not through `tracing`: the failure may have happened before logging started.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or_default() {
+        Command::Serve => {
+            telemetry::init(&settings.telemetry)?;
+            server::run(&settings).await?;
+        }
+        Command::Migrate => {
+            telemetry::init(&settings.telemetry)?;
+            let store = store::connect(&settings.database)?;
+            store.migrate().await.context("migrating the database")?;
+            store.close().await;
+            tracing::info!("database migrations applied");
+        }
+        Command::Healthcheck => healthcheck::check(settings.server.grpc_addr).await?,
+        Command::PrintConfig => print!("{}", settings.to_redacted_toml()?),
+    }
+    Ok(())
+}

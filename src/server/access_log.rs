@@ -1,0 +1,197 @@
+//! One log line per RPC, with its method, gRPC status code and duration.
+//!
+//! Written by hand because a gRPC status is not where HTTP middleware looks: it arrives in the response
+//! headers (trailers-only errors), in the trailers after the last message (everything else), or never
+//! (the client went away). tower-http's `TraceLayer` reports those through three different callbacks,
+//! none of which sees all three cases, so it cannot write a single line with the final code.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::Code;
+use tower::{Layer, Service};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for AccessLog<S>
+where
+    S: Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
+{
+    type Response = http::Response<LoggedBody<ResponseBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+        let call = RpcCall {
+            path: request.uri().path().to_owned(),
+            started: Instant::now(),
+            finished: false,
+        };
+        ResponseFuture {
+            inner: self.inner.call(request),
+            call: Some(call),
+        }
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<RpcCall>,
+    }
+}
+
+impl<F, ResponseBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResponseBody>, E>>,
+{
+    type Output = Result<http::Response<LoggedBody<ResponseBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(result) => result,
+        };
+        let call = this.call.take();
+        Poll::Ready(match response {
+            Ok(response) => {
+                // A trailers-only response carries its status in the headers: the call is over.
+                let call = match (status_code(response.headers()), call) {
+                    (Some(code), Some(call)) => {
+                        call.finish(code);
+                        None
+                    }
+                    (_, call) => call,
+                };
+                Ok(response.map(|inner| LoggedBody { inner, call }))
+            }
+            Err(err) => {
+                if let Some(call) = call {
+                    call.finish(Code::Unknown);
+                }
+                Err(err)
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// The response body, watched for the trailers that end the call.
+    pub struct LoggedBody<B> {
+        #[pin]
+        inner: B,
+        call: Option<RpcCall>,
+    }
+}
+
+impl<B: Body> Body for LoggedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        match &frame {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(call) = this.call.take()
+                {
+                    call.finish(status_code(trailers).unwrap_or(Code::Unknown));
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Unknown);
+                }
+            }
+            Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn status_code(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|value| Code::from_bytes(value.as_bytes()))
+}
+
+/// An RPC in progress. Dropped before it finished, it is logged as cancelled: the client reset the
+/// stream or the connection closed before the server sent a status.
+#[derive(Debug)]
+struct RpcCall {
+    path: String,
+    started: Instant,
+    finished: bool,
+}
+
+impl RpcCall {
+    fn finish(mut self, code: Code) {
+        self.finished = true;
+        log_rpc(&self.path, self.started, code);
+    }
+}
+
+impl Drop for RpcCall {
+    fn drop(&mut self) {
+        if !self.finished {
+            log_rpc(&self.path, self.started, Code::Cancelled);
+        }
+    }
+}
+
+fn log_rpc(path: &str, started: Instant, code: Code) {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let code_number = code as i32;
+    if matches!(
+        code,
+        Code::Unknown | Code::Internal | Code::DataLoss | Code::Unavailable | Code::Unimplemented
+    ) {
+        tracing::warn!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
+            rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms, "rpc finished");
+    } else {
+        tracing::info!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
+            rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms, "rpc finished");
+    }
+}
