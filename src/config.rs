@@ -2,18 +2,11 @@
 //! the environment.
 //!
 //! Layers, later wins: built-in defaults < `config/default.toml` < `config/<APP_ENV>.toml` < the file
-//! given with `--config` < `APP_*` environment variables (`__` separates nesting levels) < `RUST_LOG`
-//! (for `telemetry.log_level` only). Unknown keys and invalid values fail with the key's name and the
+//! given with `--config` < `APP_*` environment variables (`__` separates nesting levels), and
+//! `RUST_LOG`, when set, replaces `telemetry.log_level`. Unknown keys and invalid values fail with the key's name and the
 //! layer it came from.
 
-use std::{
-    fmt,
-    net::SocketAddr,
-    num::NonZeroU32,
-    path::Path,
-    str::FromStr,
-    time::Duration,
-};
+use std::{fmt, net::SocketAddr, num::NonZeroU32, path::Path, str::FromStr, time::Duration};
 
 use figment::{
     Figment,
@@ -143,13 +136,22 @@ impl LogFilter {
     }
 }
 
+impl FromStr for LogFilter {
+    type Err = String;
+
+    fn from_str(directives: &str) -> Result<Self, Self::Err> {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(directives)
+            .map_err(|err| format!("invalid log filter {directives:?}: {err}"))?;
+        Ok(Self(directives.to_owned()))
+    }
+}
+
 impl<'de> Deserialize<'de> for LogFilter {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let directives = String::deserialize(deserializer)?;
-        tracing_subscriber::EnvFilter::builder()
-            .parse(&directives)
-            .map_err(|err| serde::de::Error::custom(format!("invalid log filter: {err}")))?;
-        Ok(Self(directives))
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -225,15 +227,24 @@ pub enum Backend {
 
 /// Configuration that could not be read; the message names the key and the layer it came from.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(Box<figment::Error>);
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Layers(Box<figment::Error>),
+    #[error("invalid configuration: RUST_LOG: {0}")]
+    RustLog(String),
+}
 
 impl Settings {
     /// Reads and validates the settings from every layer, relative to the working directory.
     pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::figment(config_file)
+        let mut settings: Self = Self::figment(config_file)
             .extract()
-            .map_err(|err| ConfigError(Box::new(err)))
+            .map_err(|err| ConfigError::Layers(Box::new(err)))?;
+        // RUST_LOG is the convention every Rust developer reaches for, so it beats the file and APP_*.
+        if let Some(directives) = std::env::var("RUST_LOG").ok().filter(|d| !d.is_empty()) {
+            settings.telemetry.log_level = directives.parse().map_err(ConfigError::RustLog)?;
+        }
+        Ok(settings)
     }
 
     fn figment(config_file: Option<&Path>) -> Figment {
@@ -246,18 +257,12 @@ impl Settings {
             // Unlike the files in `config/`, a file named on the command line must exist.
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment
-            .merge(
-                Env::prefixed(ENV_PREFIX)
-                    .split("__")
-                    // APP_ENV chooses a file; it is not a key.
-                    .filter(|key| key != "env"),
-            )
-            .merge(
-                Env::raw()
-                    .only(&["RUST_LOG"])
-                    .map(|_| "telemetry.log_level".into()),
-            )
+        figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                // APP_ENV chooses a file; it is not a key.
+                .filter(|key| key != "env"),
+        )
     }
 
     /// The merged configuration as TOML, with secrets redacted, for `print-config`.

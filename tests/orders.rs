@@ -43,7 +43,11 @@ async fn create_assigns_id_status_and_times(backend: Backend) {
     };
     let created = app.create_for("Oslo").await;
 
-    assert!(uuid::Uuid::try_parse(&created.id).is_ok(), "id {:?}", created.id);
+    assert!(
+        uuid::Uuid::try_parse(&created.id).is_ok(),
+        "id {:?}",
+        created.id
+    );
     assert_eq!(created.status(), OrderStatus::Pending);
     assert_eq!(created.items, ["widget", "gadget"]);
     assert_eq!(created.price_cents, 4200);
@@ -106,7 +110,11 @@ async fn create_rejects_invalid_orders_with_field_violations_and_stores_nothing(
                 description: "d".repeat(2001),
                 ..order_to("")
             },
-            vec!["order.description", "order.price_cents", "order.destination"],
+            vec![
+                "order.description",
+                "order.price_cents",
+                "order.destination",
+            ],
         ),
         (order_to(&"x".repeat(201)), vec!["order.destination"]),
     ];
@@ -386,11 +394,18 @@ async fn search_matches_items_and_description_ignoring_case(backend: Backend) {
                 .expect("search completes")
         }
     };
-    assert_eq!(search("widget").await, [by_item.id.clone(), by_description.id]);
+    assert_eq!(
+        search("widget").await,
+        [by_item.id.clone(), by_description.id]
+    );
     assert_eq!(search("äpfel").await, [unicode.id]);
     assert_eq!(search("WOODEN").await, [other.id]);
     assert!(search("no such thing").await.is_empty());
-    assert_eq!(search("").await.len(), 4, "an empty query matches everything");
+    assert_eq!(
+        search("").await.len(),
+        4,
+        "an empty query matches everything"
+    );
 }
 
 async fn search_streams_more_rows_than_one_flow_control_window(backend: Backend) {
@@ -539,7 +554,11 @@ async fn update_rolls_back_the_whole_stream_on_an_invalid_message(backend: Backe
         .expect_err("invalid message");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["order.price_cents"]);
-    assert!(status.message().contains("message 2"), "{}", status.message());
+    assert!(
+        status.message().contains("message 2"),
+        "{}",
+        status.message()
+    );
     assert_eq!(app.get(&existing.id).await.expect("get"), existing);
 }
 
@@ -562,10 +581,7 @@ async fn update_refuses_shipped_orders(backend: Backend) {
         .await
         .expect_err("shipped orders are final");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(
-        app.get(&order.id).await.expect("get").destination,
-        "Oslo"
-    );
+    assert_eq!(app.get(&order.id).await.expect("get").destination, "Oslo");
 }
 
 async fn client_deadline_aborts_an_update_stream_without_applying_it(backend: Backend) {
@@ -617,8 +633,10 @@ async fn process_sends_full_batches_at_once_and_flushes_the_rest_on_half_close(b
     let Some(app) = TestApp::spawn(backend).await else {
         return;
     };
-    let oslo: Vec<api::Order> = futures::future::join_all((0..3).map(|_| app.create_for("Oslo"))).await;
-    let rome: Vec<api::Order> = futures::future::join_all((0..2).map(|_| app.create_for("Rome"))).await;
+    let oslo: Vec<api::Order> =
+        futures::future::join_all((0..3).map(|_| app.create_for("Oslo"))).await;
+    let rome: Vec<api::Order> =
+        futures::future::join_all((0..2).map(|_| app.create_for("Rome"))).await;
 
     let (requests, receiver) = mpsc::channel(8);
     let mut shipments = app
@@ -647,7 +665,11 @@ async fn process_sends_full_batches_at_once_and_flushes_the_rest_on_half_close(b
     assert_eq!(full.destination, "Oslo");
     let ids: Vec<&str> = full.orders.iter().map(|o| o.id.as_str()).collect();
     assert_eq!(ids, [&oslo[0].id, &oslo[1].id, &oslo[2].id]);
-    assert!(full.orders.iter().all(|o| o.status() == OrderStatus::Shipped));
+    assert!(
+        full.orders
+            .iter()
+            .all(|o| o.status() == OrderStatus::Shipped)
+    );
     assert!(uuid::Uuid::try_parse(&full.id).is_ok());
 
     send(&rome[1].id).await.expect("send");

@@ -134,8 +134,7 @@ mod tests {
     fn a_missing_order_is_a_violation() {
         let violations = create_request(api::CreateOrderRequest::default()).expect_err("no order");
         assert_eq!(fields(&violations), ["order"]);
-        let violations =
-            update_request(api::UpdateOrdersRequest::default()).expect_err("no order");
+        let violations = update_request(api::UpdateOrdersRequest::default()).expect_err("no order");
         assert_eq!(fields(&violations), ["order"]);
     }
 

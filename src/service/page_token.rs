@@ -37,7 +37,13 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for token in ["", "garbage", "!!!!", "AQAAAAAAAAAB1", &URL_SAFE_NO_PAD.encode([2u8; 9])] {
+        for token in [
+            "",
+            "garbage",
+            "!!!!",
+            "AQAAAAAAAAAB1",
+            &URL_SAFE_NO_PAD.encode([2u8; 9]),
+        ] {
             assert_eq!(decode(token), None, "{token:?}");
         }
         let negative = [&[VERSION][..], &(-5i64).to_be_bytes()].concat();

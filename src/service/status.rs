@@ -61,7 +61,12 @@ mod tests {
         let details = status.get_error_details();
         let fields: Vec<_> = details
             .bad_request()
-            .map(|bad| bad.field_violations.iter().map(|v| v.field.clone()).collect())
+            .map(|bad| {
+                bad.field_violations
+                    .iter()
+                    .map(|v| v.field.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         assert_eq!(fields, ["order.items[2]", "order.price_cents"]);
     }

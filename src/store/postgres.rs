@@ -240,9 +240,8 @@ struct OrderRow {
 impl OrderRow {
     fn into_order(self) -> Result<Order> {
         let id = OrderId::from(self.id);
-        let status = OrderStatus::from_storage(&self.status).ok_or_else(|| {
-            Error::CorruptData(format!("status {:?} of order {id}", self.status))
-        })?;
+        let status = OrderStatus::from_storage(&self.status)
+            .ok_or_else(|| Error::CorruptData(format!("status {:?} of order {id}", self.status)))?;
         Ok(Order {
             id,
             details: OrderDetails::from_storage(

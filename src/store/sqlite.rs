@@ -246,9 +246,8 @@ impl OrderRow {
         let id = OrderId::parse(&self.id).map_err(Error::CorruptData)?;
         let items: Vec<String> = serde_json::from_str(&self.items)
             .map_err(|err| Error::CorruptData(format!("items of order {id}: {err}")))?;
-        let status = OrderStatus::from_storage(&self.status).ok_or_else(|| {
-            Error::CorruptData(format!("status {:?} of order {id}", self.status))
-        })?;
+        let status = OrderStatus::from_storage(&self.status)
+            .ok_or_else(|| Error::CorruptData(format!("status {:?} of order {id}", self.status)))?;
         Ok(Order {
             id,
             details: OrderDetails::from_storage(

@@ -80,7 +80,10 @@ impl TestApp {
     }
 
     /// Like `spawn`, with settings changed by `configure` first.
-    pub async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Option<Self> {
+    pub async fn spawn_with(
+        backend: Backend,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Option<Self> {
         let app = Self::start(backend, configure, true).await?;
         app.wait_for_status("", ServingStatus::Serving).await;
         Some(app)
@@ -104,12 +107,18 @@ impl TestApp {
         Some(Self::serve(application, store, database).await)
     }
 
+    /// Serves an application built by the test itself, on a store with nothing to clean up.
+    pub async fn serve_application(application: Application, store: Arc<dyn OrderStore>) -> Self {
+        Self::serve(application, store, TestDatabase::Ephemeral).await
+    }
+
     async fn serve(
         application: Application,
         store: Arc<dyn OrderStore>,
         database: TestDatabase,
     ) -> Self {
-        let (connections, incoming) = mpsc::unbounded_channel::<Result<DuplexStream, std::io::Error>>();
+        let (connections, incoming) =
+            mpsc::unbounded_channel::<Result<DuplexStream, std::io::Error>>();
         let stop = CancellationToken::new();
         let server = tokio::spawn(application.serve_with_incoming(
             UnboundedReceiverStream::new(incoming),
@@ -297,8 +306,8 @@ pub fn postgres_url() -> Option<String> {
 
 /// A database only one test uses, removed when the test ends.
 pub enum TestDatabase {
-    /// In-memory SQLite: it disappears with the pool.
-    Sqlite,
+    /// Gone with its pool (in-memory SQLite), or never created.
+    Ephemeral,
     /// A schema of its own in the PostgreSQL test database.
     Postgres { url: String, schema: String },
 }
@@ -313,7 +322,7 @@ impl TestDatabase {
                 let mut database = settings.database.clone();
                 database.url = DatabaseUrl::from_str("sqlite::memory:").expect("valid URL");
                 let store = SqliteStore::connect_lazy(&database).expect("SQLite store");
-                Some((Arc::new(store), TestDatabase::Sqlite))
+                Some((Arc::new(store), TestDatabase::Ephemeral))
             }
             Backend::Postgres => {
                 let url = postgres_url()?;
@@ -354,16 +363,21 @@ impl Drop for TestDatabase {
                 .build()?;
             runtime.block_on(async {
                 let mut admin = connect_admin(&url).await;
-                sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema_name} CASCADE")))
-                    .execute(&mut admin)
-                    .await
-                    .map(drop)
-                    .map_err(std::io::Error::other)
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS {schema_name} CASCADE"
+                )))
+                .execute(&mut admin)
+                .await
+                .map(drop)
+                .map_err(std::io::Error::other)
             })
         })
         .join();
         if !matches!(dropped, Ok(Ok(()))) {
-            let _ = writeln!(std::io::stderr(), "warning: test schema {schema} was not dropped");
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: test schema {schema} was not dropped"
+            );
         }
     }
 }
