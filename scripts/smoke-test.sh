@@ -41,14 +41,20 @@ call "$url/grpc.health.v1.Health/Check" | grep -q '"SERVING"' || {
 }
 
 services=$(call --list-services "$url")
-for service in order.v1.OrderService grpc.health.v1.Health grpc.reflection.v1.ServerReflection; do
+for service in grpc.health.v1.Health grpc.reflection.v1.ServerReflection; do
   grep -qx "$service" <<<"$services" || { echo "smoke: $service not listed: $services" >&2; exit 1; }
 done
+# The API is the service that is not part of gRPC itself (its package changes with `cargo generate`).
+api=$(grep -v '^grpc\.' <<<"$services")
+[ "$(wc -l <<<"$api")" -eq 1 ] && [[ "$api" == *.OrderService ]] || {
+  echo "smoke: expected one OrderService beside the gRPC services: $services" >&2
+  exit 1
+}
 
 created=$(call -d '{"order": {"items": ["widget"], "price_cents": 1250, "destination": "Oslo"}}' \
-  "$url/order.v1.OrderService/CreateOrder")
+  "$url/$api/CreateOrder")
 id=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["order"]["id"])' <<<"$created")
-fetched=$(call -d "{\"id\": \"$id\"}" "$url/order.v1.OrderService/GetOrder")
+fetched=$(call -d "{\"id\": \"$id\"}" "$url/$api/GetOrder")
 python3 - "$id" "$fetched" <<'PY'
 import json, sys
 order = json.loads(sys.argv[2])["order"]
@@ -56,9 +62,9 @@ assert order["id"] == sys.argv[1], order
 assert order["status"] == "ORDER_STATUS_PENDING", order
 assert order["items"] == ["widget"], order
 PY
-call -d '{"service": "order.v1.OrderService"}' "$url/grpc.health.v1.Health/Check" | grep -q '"SERVING"'
+call -d "{\"service\": \"$api\"}" "$url/grpc.health.v1.Health/Check" | grep -q '"SERVING"'
 
 kill -TERM "$server_pid"
 wait "$server_pid"
 server_pid=""
-echo "smoke: OK (reflection, health, CreateOrder, GetOrder, SIGTERM exit 0)"
+echo "smoke: OK ($api: reflection, health, CreateOrder, GetOrder, SIGTERM exit 0)"

@@ -1,7 +1,11 @@
-//! The gRPC API generated from `proto/` by `build.rs`. The proto package is named here and in
-//! `build.rs` only.
+//! The gRPC API generated from `proto/` by `build.rs`, which also names its proto package.
 
-tonic::include_proto!("order.v1");
+include!(concat!(
+    env!("OUT_DIR"),
+    "/",
+    env!("API_PROTO_PACKAGE"),
+    ".rs"
+));
 
 /// Encoded descriptors of the API and its imports, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("api_descriptor");

@@ -166,11 +166,11 @@ impl DatabaseUrl {
     }
 
     pub fn backend(&self) -> Backend {
-        if self.0.starts_with("postgres:") || self.0.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
+        #[cfg(feature = "postgres")]
+        if is_postgres(&self.0) {
+            return Backend::Postgres;
         }
+        Backend::Sqlite
     }
 
     fn redacted(&self) -> String {
@@ -189,11 +189,14 @@ impl FromStr for DatabaseUrl {
     type Err = String;
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
-        const SCHEMES: [&str; 3] = ["sqlite:", "postgres:", "postgresql:"];
-        if SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
+        if url.starts_with("sqlite:") || (cfg!(feature = "postgres") && is_postgres(url)) {
             Ok(Self(url.to_owned()))
-        } else {
+        } else if is_postgres(url) {
+            Err("this build has no PostgreSQL support (cargo feature `postgres`)".to_owned())
+        } else if cfg!(feature = "postgres") {
             Err("expected a `sqlite://` or `postgres://` URL".to_owned())
+        } else {
+            Err("expected a `sqlite://` URL".to_owned())
         }
     }
 }
@@ -218,10 +221,15 @@ impl<'de> Deserialize<'de> for DatabaseUrl {
     }
 }
 
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
 /// Which store implementation a database URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    #[cfg(feature = "postgres")]
     Postgres,
 }
 

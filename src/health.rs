@@ -1,6 +1,6 @@
 //! Readiness from real dependency state: a background task applies migrations (when configured to),
 //! then keeps checking the database and reports the result through `grpc.health.v1.Health`, for the
-//! whole server (`""`) and for `order.v1.OrderService`.
+//! whole server (`""`) and for the order API.
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,4 +1,4 @@
-//! `order-service healthcheck`: a probe for container runtimes that have no gRPC health probe of their
+//! The `healthcheck` command: a probe for container runtimes that have no gRPC health probe of their
 //! own; it asks the server on `server.grpc_addr` for the overall status.
 
 use std::{

@@ -143,7 +143,7 @@ impl Application {
     }
 }
 
-/// `order-service serve`: listens on `server.grpc_addr` until SIGINT or SIGTERM.
+/// The `serve` command: listens on `server.grpc_addr` until SIGINT or SIGTERM.
 pub async fn run(settings: &Settings) -> Result<(), ServerError> {
     let addr = settings.server.grpc_addr;
     let listener = TcpListener::bind(addr)

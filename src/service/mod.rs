@@ -1,4 +1,4 @@
-//! The `order.v1.OrderService` handlers: thin. Each converts the request to domain types, calls the
+//! The `OrderService` handlers: thin. Each converts the request to domain types, calls the
 //! store and converts back; errors become statuses in `status.rs`.
 
 mod convert;
@@ -28,7 +28,7 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const MAX_QUERY_CHARS: usize = 200;
 
-/// The implementation of `order.v1.OrderService`.
+/// The implementation of `OrderService`.
 #[derive(Clone)]
 pub struct OrderApi {
     store: Arc<dyn OrderStore>,

@@ -1,6 +1,7 @@
 //! Persistence: the `OrderStore` trait and its two implementations, SQLite (the embedded default) and
 //! PostgreSQL (production). Knows SQL, knows nothing of gRPC.
 
+#[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;
 
@@ -16,7 +17,9 @@ use crate::{
     error::{Error, Result},
 };
 
-pub use self::{postgres::PostgresStore, sqlite::SqliteStore};
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresStore;
+pub use self::sqlite::SqliteStore;
 
 /// Orders as they are read from the database, one at a time.
 pub type OrderStream = BoxStream<'static, Result<Order>>;
@@ -81,6 +84,7 @@ pub trait OrderStore: Send + Sync + 'static {
 pub fn connect(settings: &DatabaseSettings) -> Result<Arc<dyn OrderStore>> {
     Ok(match settings.url.backend() {
         Backend::Sqlite => Arc::new(SqliteStore::connect_lazy(settings)?),
+        #[cfg(feature = "postgres")]
         Backend::Postgres => Arc::new(PostgresStore::connect_lazy(settings)?),
     })
 }

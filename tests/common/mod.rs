@@ -7,18 +7,13 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
-use std::{
-    io::Write,
-    str::FromStr,
-    sync::{Arc, Once},
-    time::Duration,
-};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use app::{
     api::{self, order_service_client::OrderServiceClient},
     config::{DatabaseUrl, Settings},
     server::{Application, ServerError},
-    store::{OrderStore, PostgresStore, SqliteStore},
+    store::{OrderStore, SqliteStore},
 };
 use hyper_util::rt::TokioIo;
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
@@ -44,6 +39,7 @@ macro_rules! backend_tests {
                 }
             )*
         }
+        #[cfg(feature = "postgres")]
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,6 +54,7 @@ macro_rules! backend_tests {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    #[cfg(feature = "postgres")]
     Postgres,
 }
 
@@ -282,10 +279,12 @@ pub fn test_settings() -> Settings {
     settings
 }
 
+#[cfg(feature = "postgres")]
 /// The URL of the PostgreSQL server for tests. Absent, the Postgres tests say so and pass, except
 /// under CI, where a missing database must not turn into a green run that tested nothing.
 pub fn postgres_url() -> Option<String> {
-    static SKIP_NOTICE: Once = Once::new();
+    use std::io::Write;
+    static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
     match std::env::var(POSTGRES_URL_VAR) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
@@ -309,6 +308,7 @@ pub enum TestDatabase {
     /// Gone with its pool (in-memory SQLite), or never created.
     Ephemeral,
     /// A schema of its own in the PostgreSQL test database.
+    #[cfg(feature = "postgres")]
     Postgres { url: String, schema: String },
 }
 
@@ -324,6 +324,7 @@ impl TestDatabase {
                 let store = SqliteStore::connect_lazy(&database).expect("SQLite store");
                 Some((Arc::new(store), TestDatabase::Ephemeral))
             }
+            #[cfg(feature = "postgres")]
             Backend::Postgres => {
                 let url = postgres_url()?;
                 let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
@@ -335,13 +336,14 @@ impl TestDatabase {
                 let options = sqlx::postgres::PgConnectOptions::from_str(&url)
                     .expect("valid TEST_POSTGRES_URL")
                     .options([("search_path", schema.as_str())]);
-                let store = PostgresStore::with_options(options, &settings.database);
+                let store = app::store::PostgresStore::with_options(options, &settings.database);
                 Some((Arc::new(store), TestDatabase::Postgres { url, schema }))
             }
         }
     }
 }
 
+#[cfg(feature = "postgres")]
 async fn connect_admin(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     sqlx::PgConnection::connect(url)
@@ -349,6 +351,7 @@ async fn connect_admin(url: &str) -> sqlx::PgConnection {
         .unwrap_or_else(|err| panic!("cannot connect to {POSTGRES_URL_VAR}: {err}"))
 }
 
+#[cfg(feature = "postgres")]
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let TestDatabase::Postgres { url, schema } = self else {
@@ -374,6 +377,7 @@ impl Drop for TestDatabase {
         })
         .join();
         if !matches!(dropped, Ok(Ok(()))) {
+            use std::io::Write;
             let _ = writeln!(
                 std::io::stderr(),
                 "warning: test schema {schema} was not dropped"
