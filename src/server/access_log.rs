@@ -195,3 +195,142 @@ fn log_rpc(path: &str, started: Instant, code: Code) {
             rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms, "rpc finished");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        convert::Infallible,
+        sync::{Arc, Mutex},
+    };
+
+    use futures::executor::block_on;
+    use http::{HeaderValue, Response};
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    /// A response body made of given frames.
+    struct Frames(VecDeque<Frame<&'static [u8]>>);
+
+    impl Body for Frames {
+        type Data = &'static [u8];
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn trailers(code: Code) -> Frame<&'static [u8]> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(code as i32));
+        Frame::trailers(trailers)
+    }
+
+    /// Runs one call whose response is `response`, reads its body as far as `frames_to_read`, and
+    /// returns the log lines written.
+    fn logged(response: fn() -> Response<Frames>, frames_to_read: usize) -> Vec<serde_json::Value> {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let buffer = Arc::clone(&buffer);
+            move || SharedWriter(Arc::clone(&buffer))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let service = AccessLogLayer.layer(service_fn(move |_: http::Request<()>| {
+                std::future::ready(Ok::<_, Infallible>(response()))
+            }));
+            let request = http::Request::get("/pkg.Svc/Method")
+                .body(())
+                .expect("request");
+            let mut response = block_on(service.oneshot(request)).expect("response");
+            for _ in 0..frames_to_read {
+                let body = response.body_mut();
+                let _ = block_on(std::future::poll_fn(|cx| {
+                    Pin::new(&mut *body).poll_frame(cx)
+                }));
+            }
+        });
+        let text = String::from_utf8(buffer.lock().expect("buffer").clone()).expect("UTF-8");
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("JSON"))
+            .collect()
+    }
+
+    struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn codes(lines: &[serde_json::Value]) -> Vec<i64> {
+        lines
+            .iter()
+            .map(|line| {
+                assert_eq!(line["rpc.service"], "pkg.Svc");
+                assert_eq!(line["rpc.method"], "Method");
+                assert!(line["duration_ms"].is_number());
+                line["rpc.grpc.status_code"].as_i64().expect("code")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn logs_the_status_from_the_trailers_once() {
+        let lines = logged(
+            || {
+                Response::new(Frames(VecDeque::from([
+                    Frame::data(&b"message"[..]),
+                    trailers(Code::NotFound),
+                ])))
+            },
+            3,
+        );
+        assert_eq!(codes(&lines), [Code::NotFound as i64]);
+    }
+
+    #[test]
+    fn logs_a_trailers_only_response_from_its_headers() {
+        let lines = logged(
+            || {
+                let mut response = Response::new(Frames(VecDeque::new()));
+                response.headers_mut().insert(
+                    "grpc-status",
+                    HeaderValue::from(Code::InvalidArgument as i32),
+                );
+                response
+            },
+            0,
+        );
+        assert_eq!(codes(&lines), [Code::InvalidArgument as i64]);
+    }
+
+    #[test]
+    fn logs_a_call_abandoned_before_its_status_as_cancelled() {
+        let lines = logged(
+            || {
+                Response::new(Frames(VecDeque::from([
+                    Frame::data(&b"message"[..]),
+                    trailers(Code::Ok),
+                ])))
+            },
+            1,
+        );
+        assert_eq!(codes(&lines), [Code::Cancelled as i64]);
+    }
+}

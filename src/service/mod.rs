@@ -85,15 +85,10 @@ impl OrderService for OrderApi {
     ) -> Result<Response<ListOrdersResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        // AIP-158: 0 means the default, and sizes above the maximum are lowered to it.
-        let page_size = match u32::try_from(request.page_size) {
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(size) => size.min(MAX_PAGE_SIZE),
-            Err(_) => {
-                violations.add("page_size", "must not be negative");
-                DEFAULT_PAGE_SIZE
-            }
-        };
+        let page_size = page_size(request.page_size).unwrap_or_else(|problem| {
+            violations.add("page_size", problem);
+            DEFAULT_PAGE_SIZE
+        });
         let after = if request.page_token.is_empty() {
             None
         } else {
@@ -210,6 +205,15 @@ impl OrderService for OrderApi {
     }
 }
 
+/// AIP-158: 0 means the default, and sizes above the maximum are lowered to it.
+fn page_size(requested: i32) -> Result<u32, &'static str> {
+    match u32::try_from(requested) {
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
+        Err(_) => Err("must not be negative"),
+    }
+}
+
 async fn ship(store: &dyn OrderStore, batch: Batch) -> Result<ProcessOrdersResponse, Error> {
     let orders = store.ship(&batch.order_ids).await?;
     let shipment = Shipment {
@@ -220,4 +224,19 @@ async fn ship(store: &dyn OrderStore, batch: Batch) -> Result<ProcessOrdersRespo
     Ok(ProcessOrdersResponse {
         shipment: Some(api::Shipment::from(shipment)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_defaults_clamps_and_rejects_negatives() {
+        assert_eq!(page_size(0), Ok(DEFAULT_PAGE_SIZE));
+        assert_eq!(page_size(7), Ok(7));
+        assert_eq!(page_size(1000), Ok(1000));
+        assert_eq!(page_size(1001), Ok(MAX_PAGE_SIZE));
+        assert_eq!(page_size(i32::MAX), Ok(MAX_PAGE_SIZE));
+        assert!(page_size(-1).is_err());
+    }
 }
