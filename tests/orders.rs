@@ -218,25 +218,12 @@ async fn list_pages_through_orders_in_creation_order(backend: Backend) {
         created.push(app.create_for(&format!("city {n}")).await.id);
     }
 
-    let mut pages = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = app
-            .orders
-            .clone()
-            .list_orders(ListOrdersRequest {
-                page_size: 3,
-                page_token,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        pages.push(page.orders.into_iter().map(|o| o.id).collect::<Vec<_>>());
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let pages: Vec<Vec<String>> = app
+        .list_pages(3)
+        .await
+        .into_iter()
+        .map(|page| page.into_iter().map(|o| o.id).collect())
+        .collect();
     let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
     assert_eq!(sizes, [3, 3, 1]);
     assert_eq!(pages.concat(), created);
@@ -316,25 +303,13 @@ async fn paging_while_orders_are_added_never_skips_or_repeats(backend: Backend) 
         })
         .collect();
 
-    let mut seen = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = app
-            .orders
-            .clone()
-            .list_orders(ListOrdersRequest {
-                page_size: 4,
-                page_token,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        seen.extend(page.orders.into_iter().map(|o| o.id));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let seen: Vec<String> = app
+        .list_pages(4)
+        .await
+        .concat()
+        .into_iter()
+        .map(|o| o.id)
+        .collect();
     for writer in writers {
         writer.await.expect("writer");
     }
@@ -350,34 +325,17 @@ async fn search_matches_items_and_description_ignoring_case(backend: Backend) {
     let Some(app) = TestApp::spawn(backend).await else {
         return;
     };
-    let by_item = app
-        .create(api::Order {
-            items: vec!["Blue WIDGET".into()],
-            description: "plain".into(),
+    let create = |item: &str, description: &str| {
+        app.create(api::Order {
+            items: vec![item.to_owned()],
+            description: description.to_owned(),
             ..order_to("Oslo")
         })
-        .await;
-    let by_description = app
-        .create(api::Order {
-            items: vec!["lamp".into()],
-            description: "comes with a widget".into(),
-            ..order_to("Oslo")
-        })
-        .await;
-    let unicode = app
-        .create(api::Order {
-            items: vec!["ÄPFEL".into()],
-            description: "obst".into(),
-            ..order_to("Oslo")
-        })
-        .await;
-    let other = app
-        .create(api::Order {
-            items: vec!["chair".into()],
-            description: "wooden".into(),
-            ..order_to("Oslo")
-        })
-        .await;
+    };
+    let by_item = create("Blue WIDGET", "plain").await;
+    let by_description = create("lamp", "comes with a widget").await;
+    let unicode = create("ÄPFEL", "obst").await;
+    let other = create("chair", "wooden").await;
 
     let search = |query: &str| {
         let mut client = app.orders.clone();

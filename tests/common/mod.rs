@@ -216,22 +216,27 @@ impl TestApp {
 
     /// Every order, read page by page.
     pub async fn list_all(&self) -> Vec<api::Order> {
-        let mut orders = Vec::new();
+        self.list_pages(100).await.concat()
+    }
+
+    /// Every order, as the pages of `page_size` that ListOrders returns, following the page tokens.
+    pub async fn list_pages(&self, page_size: i32) -> Vec<Vec<api::Order>> {
+        let mut pages = Vec::new();
         let mut page_token = String::new();
         loop {
             let page = self
                 .orders
                 .clone()
                 .list_orders(api::ListOrdersRequest {
-                    page_size: 100,
+                    page_size,
                     page_token,
                 })
                 .await
                 .expect("list succeeds")
                 .into_inner();
-            orders.extend(page.orders);
+            pages.push(page.orders);
             if page.next_page_token.is_empty() {
-                return orders;
+                return pages;
             }
             page_token = page.next_page_token;
         }
