@@ -99,11 +99,12 @@ impl RunningServer {
         panic!("health watch ended before SERVING");
     }
 
-    /// Sends SIGTERM and returns the rest of the log once the process has exited successfully.
-    async fn terminate(mut self) -> Vec<serde_json::Value> {
+    /// Sends `signal` (`TERM`, `INT`) and returns the rest of the log once the process has exited
+    /// successfully.
+    async fn stop_with(mut self, signal: &str) -> Vec<serde_json::Value> {
         let pid = self.child.id().expect("running").to_string();
         let sent = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{signal}"), &pid])
             .status()
             .await
             .expect("kill runs");
@@ -113,13 +114,13 @@ impl RunningServer {
             entries.push(serde_json::from_str(&line).expect("JSON log line"));
         }
         let status = self.child.wait().await.expect("exit status");
-        assert!(status.success(), "clean exit after SIGTERM: {status}");
+        assert!(status.success(), "clean exit after SIG{signal}: {status}");
         entries
     }
 }
 
 #[tokio::test]
-async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm() {
+async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm_or_sigint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = RunningServer::start(dir.path()).await;
     server.wait_until_serving().await;
@@ -163,7 +164,7 @@ async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm() {
         .expect("healthcheck runs");
     assert!(healthcheck.status.success(), "{healthcheck:?}");
 
-    let log = server.terminate().await;
+    let log = server.stop_with("TERM").await;
     let rpc_lines = |method: &str| -> Vec<&serde_json::Value> {
         log.iter()
             .filter(|entry| entry["message"] == "rpc finished" && entry["rpc.method"] == method)
@@ -176,13 +177,14 @@ async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm() {
         assert_eq!(lines[0]["rpc.grpc.status_code"], code, "{method}");
         assert!(lines[0]["duration_ms"].is_number());
     }
+    assert!(log.iter().any(|entry| entry["signal"] == "SIGTERM"));
     assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
     assert!(
         dir.path().join("orders.db").exists(),
         "the default database is a file in the working directory"
     );
 
-    // The order survives a restart.
+    // The order survives a restart; Ctrl-C stops the server as cleanly as SIGTERM.
     let server = RunningServer::start(dir.path()).await;
     server.wait_until_serving().await;
     let fetched = OrderServiceClient::new(server.channel().await)
@@ -194,7 +196,9 @@ async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm() {
         .into_inner()
         .order;
     assert_eq!(fetched, Some(created));
-    server.terminate().await;
+    let log = server.stop_with("INT").await;
+    assert!(log.iter().any(|entry| entry["signal"] == "SIGINT"));
+    assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
 }
 
 #[tokio::test]

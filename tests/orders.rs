@@ -2,14 +2,25 @@
 
 mod common;
 
-use std::{collections::HashSet, time::Duration};
-
-use app::api::{
-    self, CreateOrderRequest, ListOrdersRequest, OrderStatus, ProcessOrdersRequest,
-    SearchOrdersRequest, UpdateOrdersRequest,
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
-use common::{Backend, TestApp, order_to, violated_fields};
-use futures::{TryStreamExt, stream};
+
+use app::{
+    api::{
+        self, CreateOrderRequest, ListOrdersRequest, OrderStatus, ProcessOrdersRequest,
+        SearchOrdersRequest, UpdateOrdersRequest, order_service_client::OrderServiceClient,
+    },
+    domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
+    store::{OrderStore, OrderStream, Page, PageCursor},
+};
+use common::{Backend, TestApp, order_to, test_settings, violated_fields};
+use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request};
@@ -26,7 +37,7 @@ backend_tests!(
     list_rejects_garbage_tokens_and_negative_sizes,
     paging_while_orders_are_added_never_skips_or_repeats,
     search_matches_items_and_description_ignoring_case,
-    search_streams_more_rows_than_one_flow_control_window,
+    search_streams_rows_as_the_client_reads_them,
     search_rejects_overlong_queries,
     update_applies_every_message_of_the_stream,
     update_rolls_back_the_whole_stream_on_an_unknown_id,
@@ -366,53 +377,141 @@ async fn search_matches_items_and_description_ignoring_case(backend: Backend) {
     );
 }
 
-async fn search_streams_more_rows_than_one_flow_control_window(backend: Backend) {
-    let Some(app) = TestApp::spawn(backend).await else {
+async fn search_streams_rows_as_the_client_reads_them(backend: Backend) {
+    let rows_read = Arc::new(AtomicUsize::new(0));
+    let Some(app) = TestApp::spawn_wrapping(backend, |store| {
+        Arc::new(CountingSearches {
+            inner: store,
+            rows_read: Arc::clone(&rows_read),
+        })
+    })
+    .await
+    else {
         return;
     };
-    // 300 orders of about 1.5 KB each: several times HTTP/2's initial 64 KiB window, so the stream
-    // only completes if the server keeps sending as the client reads.
-    const ORDERS: usize = 300;
+    // 400 orders of about 2 KB each, 800 KB in all, for a client that lets the server send 64 KiB
+    // (HTTP/2's smallest stream and connection windows) before it reads: more than ten windows.
+    const ORDERS: usize = 400;
+    const WINDOW: u32 = 65_535;
     for n in 0..ORDERS {
         app.create(api::Order {
-            description: format!("bulk order {n} {}", "x".repeat(1500)),
+            description: format!("bulk order {n} {}", "x".repeat(1950)),
             ..order_to("Oslo")
         })
         .await;
     }
-    let mut matches = app
-        .orders
-        .clone()
-        .search_orders(SearchOrdersRequest {
-            query: "BULK ORDER".into(),
+    let mut client = OrderServiceClient::new(
+        app.channel_with(|endpoint| {
+            endpoint
+                .initial_stream_window_size(WINDOW)
+                .initial_connection_window_size(WINDOW)
         })
+        .await,
+    );
+    let search = || SearchOrdersRequest {
+        query: "BULK ORDER".into(),
+    };
+
+    let mut matches = client
+        .search_orders(search())
         .await
         .expect("search starts")
         .into_inner();
-    let mut count = 0;
+    matches.message().await.expect("first match");
+    // The client reads nothing more for now. A server that streams stops reading rows once the window
+    // is full; one that collects the whole result first reads all of them.
+    let read_ahead = rows_read_once_settled(&rows_read).await;
+    assert!(
+        read_ahead < ORDERS / 2,
+        "the server read {read_ahead} of {ORDERS} rows for a client that had taken one"
+    );
+    let mut count = 1;
     while let Some(response) = matches.message().await.expect("stream continues") {
         assert!(response.order.is_some());
         count += 1;
-        if count == 1 {
-            // A slow reader: the server must wait for window updates, not buffer everything.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
     assert_eq!(count, ORDERS);
 
-    // A client that walks away mid-stream leaves the server healthy.
-    let mut abandoned = app
-        .orders
-        .clone()
-        .search_orders(SearchOrdersRequest {
-            query: "bulk".into(),
-        })
-        .await
-        .expect("search starts")
-        .into_inner();
-    abandoned.message().await.expect("first match");
-    drop(abandoned);
+    // Clients that walk away mid-stream, more of them than the pool has connections: each abandoned
+    // search gives its connection back, so the service still answers.
+    for _ in 0..2 * test_settings().database.max_connections.get() {
+        let mut abandoned = client
+            .search_orders(search())
+            .await
+            .expect("search starts")
+            .into_inner();
+        abandoned.message().await.expect("first match");
+    }
     assert_eq!(app.list_all().await.len(), ORDERS);
+}
+
+/// The number of rows searches have read, once it has stopped growing (or after ten seconds).
+async fn rows_read_once_settled(rows_read: &AtomicUsize) -> usize {
+    let mut last = rows_read.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rows_read.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// A store that counts the rows its searches hand to the service.
+struct CountingSearches {
+    inner: Arc<dyn OrderStore>,
+    rows_read: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl OrderStore for CountingSearches {
+    async fn create(
+        &self,
+        details: &OrderDetails,
+        request_id: Option<&RequestId>,
+    ) -> app::error::Result<Order> {
+        self.inner.create(details, request_id).await
+    }
+
+    async fn get(&self, id: OrderId) -> app::error::Result<Order> {
+        self.inner.get(id).await
+    }
+
+    async fn list(&self, after: Option<PageCursor>, page_size: u32) -> app::error::Result<Page> {
+        self.inner.list(after, page_size).await
+    }
+
+    fn search(&self, query: &str) -> OrderStream {
+        let rows_read = Arc::clone(&self.rows_read);
+        self.inner
+            .search(query)
+            .inspect(move |_| {
+                rows_read.fetch_add(1, Ordering::SeqCst);
+            })
+            .boxed()
+    }
+
+    async fn update(&self, updates: &[OrderUpdate]) -> app::error::Result<()> {
+        self.inner.update(updates).await
+    }
+
+    async fn ship(&self, ids: &[OrderId]) -> app::error::Result<Vec<Order>> {
+        self.inner.ship(ids).await
+    }
+
+    async fn migrate(&self) -> app::error::Result<()> {
+        self.inner.migrate().await
+    }
+
+    async fn check_ready(&self) -> app::error::Result<()> {
+        self.inner.check_ready().await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
 }
 
 async fn search_rejects_overlong_queries(backend: Backend) {

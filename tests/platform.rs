@@ -138,16 +138,26 @@ async fn shutdown_reports_not_serving_and_lets_running_calls_finish(backend: Bac
     );
 }
 
-/// The database is PostgreSQL on a port where nothing listens.
+/// Health and errors while PostgreSQL cannot be reached: never reached at all, or lost and regained.
 #[cfg(feature = "postgres")]
-mod unreachable_database {
-    use std::{str::FromStr, sync::Arc, time::Duration};
+mod database_outages {
+    use std::{net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
-    use app::{config::DatabaseUrl, server::Application, store};
+    use app::{
+        config::DatabaseUrl,
+        health::ORDER_SERVICE_NAME,
+        server::Application,
+        store::{self, OrderStore, PostgresStore},
+    };
+    use tokio::{
+        net::{TcpListener, TcpStream},
+        sync::watch,
+        task::JoinHandle,
+    };
     use tonic::Code;
     use tonic_health::pb::health_check_response::ServingStatus;
 
-    use crate::common::{TestApp, test_settings};
+    use crate::common::{TestApp, TestDatabase, test_settings};
 
     #[tokio::test]
     async fn health_is_not_serving_and_calls_are_unavailable_while_the_database_is_unreachable() {
@@ -178,6 +188,98 @@ mod unreachable_database {
             "internal details stay internal: {}",
             status.message()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_follows_the_database_through_an_outage_and_back() {
+        let Some((options, _database)) = TestDatabase::postgres_schema().await else {
+            return;
+        };
+        let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .expect("TEST_POSTGRES_URL names a TCP address");
+        let link = Link::start(upstream).await;
+        let mut settings = test_settings();
+        settings.database.acquire_timeout = Duration::from_millis(500);
+        settings.database.connect_timeout = Duration::from_millis(500);
+        let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
+            options.host("127.0.0.1").port(link.addr.port()),
+            &settings.database,
+        ));
+        store.migrate().await.expect("migrate through the link");
+        let application = Application::with_store(Arc::clone(&store), &settings)
+            .await
+            .expect("application builds");
+        let app = TestApp::serve_application(application, store).await;
+        app.wait_for_status("", ServingStatus::Serving).await;
+        let order = app.create_for("Oslo").await;
+
+        link.cut();
+        app.wait_for_status("", ServingStatus::NotServing).await;
+        app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        let status = app.get(&order.id).await.expect_err("database unreachable");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+        link.restore();
+        app.wait_for_status("", ServingStatus::Serving).await;
+        app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        assert_eq!(
+            app.get(&order.id).await.expect("get after the outage"),
+            order
+        );
+    }
+
+    /// A TCP relay to the database that the test can cut like a network partition: cut, it closes
+    /// every relayed connection and refuses new ones until it is restored.
+    struct Link {
+        addr: SocketAddr,
+        cut: watch::Sender<bool>,
+        relay: JoinHandle<()>,
+    }
+
+    impl Link {
+        async fn start(upstream: SocketAddr) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+            let addr = listener.local_addr().expect("relay address");
+            let (cut, cut_changes) = watch::channel(false);
+            let relay = tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let mut cut_changes = cut_changes.clone();
+                    tokio::spawn(async move {
+                        if *cut_changes.borrow_and_update() {
+                            return; // dropping `client` closes it at once
+                        }
+                        let Ok(mut server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut_changes.wait_for(|cut| *cut) => {}
+                        }
+                    });
+                }
+            });
+            Self { addr, cut, relay }
+        }
+
+        fn cut(&self) {
+            self.cut.send_replace(true);
+        }
+
+        fn restore(&self) {
+            self.cut.send_replace(false);
+        }
+    }
+
+    impl Drop for Link {
+        fn drop(&mut self) {
+            self.cut();
+            self.relay.abort();
+        }
     }
 }
 

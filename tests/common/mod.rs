@@ -58,12 +58,19 @@ pub enum Backend {
     Postgres,
 }
 
+/// The longest a test waits for a health status that should come within milliseconds.
+const STATUS_CHANGE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The server's end of each new in-memory connection.
+type Connections = mpsc::UnboundedSender<Result<DuplexStream, std::io::Error>>;
+
 /// A running in-memory server and clients connected to it.
 pub struct TestApp {
     pub orders: OrderServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     pub channel: Channel,
     pub store: Arc<dyn OrderStore>,
+    connections: Connections,
     stop: CancellationToken,
     server: Option<JoinHandle<Result<(), ServerError>>>,
     _database: TestDatabase,
@@ -86,11 +93,31 @@ impl TestApp {
         Some(app)
     }
 
+    /// Like `spawn`, with the application's store wrapped by `wrap`, so a test can watch what the
+    /// service asks of the database.
+    pub async fn spawn_wrapping(
+        backend: Backend,
+        wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
+    ) -> Option<Self> {
+        let app = Self::start_wrapping(backend, |_| {}, true, wrap).await?;
+        app.wait_for_status("", ServingStatus::Serving).await;
+        Some(app)
+    }
+
     /// Starts an app without migrating its database first and without waiting for it to be ready.
     pub async fn start(
         backend: Backend,
         configure: impl FnOnce(&mut Settings),
         migrate_first: bool,
+    ) -> Option<Self> {
+        Self::start_wrapping(backend, configure, migrate_first, |store| store).await
+    }
+
+    async fn start_wrapping(
+        backend: Backend,
+        configure: impl FnOnce(&mut Settings),
+        migrate_first: bool,
+        wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
     ) -> Option<Self> {
         let mut settings = test_settings();
         configure(&mut settings);
@@ -98,6 +125,7 @@ impl TestApp {
         if migrate_first {
             store.migrate().await.expect("migrations apply");
         }
+        let store = wrap(store);
         let application = Application::with_store(Arc::clone(&store), &settings)
             .await
             .expect("application builds");
@@ -114,55 +142,55 @@ impl TestApp {
         store: Arc<dyn OrderStore>,
         database: TestDatabase,
     ) -> Self {
-        let (connections, incoming) =
-            mpsc::unbounded_channel::<Result<DuplexStream, std::io::Error>>();
+        let (connections, incoming) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let server = tokio::spawn(application.serve_with_incoming(
             UnboundedReceiverStream::new(incoming),
             stop.clone().cancelled_owned(),
         ));
-
-        // Every connection the channel opens is one end of a fresh in-memory pipe; the server gets the
-        // other end through `incoming`.
-        let channel = Endpoint::from_static("http://in-memory.test")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let (client_end, server_end) = tokio::io::duplex(64 * 1024);
-                let sent = connections.send(Ok(server_end));
-                async move {
-                    sent.map_err(|_| std::io::Error::other("the test server has stopped"))?;
-                    Ok::<_, std::io::Error>(TokioIo::new(client_end))
-                }
-            }))
-            .await
-            .expect("in-memory connection");
+        let channel = connect(&connections, endpoint()).await;
 
         Self {
             orders: OrderServiceClient::new(channel.clone()),
             health: HealthClient::new(channel.clone()),
             channel,
             store,
+            connections,
             stop,
             server: Some(server),
             _database: database,
         }
     }
 
-    /// Waits, via `Health.Watch`, until `service` reports `expected`.
+    /// A new in-memory channel to the server, with client settings (HTTP/2 windows, say) chosen by
+    /// `configure`.
+    pub async fn channel_with(&self, configure: impl FnOnce(Endpoint) -> Endpoint) -> Channel {
+        connect(&self.connections, configure(endpoint())).await
+    }
+
+    /// Waits, via `Health.Watch`, until `service` reports `expected`. Gives up after a minute, which
+    /// no correct change of status comes near, so that a status that never comes fails the test
+    /// instead of hanging it.
     pub async fn wait_for_status(&self, service: &str, expected: ServingStatus) {
         let mut health = self.health.clone();
-        let mut updates = health
-            .watch(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .expect("health watch starts")
-            .into_inner();
-        while let Some(update) = updates.message().await.expect("health watch continues") {
-            if update.status() == expected {
-                return;
+        let watched = async {
+            let mut updates = health
+                .watch(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .expect("health watch starts")
+                .into_inner();
+            while let Some(update) = updates.message().await.expect("health watch continues") {
+                if update.status() == expected {
+                    return;
+                }
             }
-        }
-        panic!("health watch for {service:?} ended before {expected:?}");
+            panic!("health watch for {service:?} ended before {expected:?}");
+        };
+        tokio::time::timeout(STATUS_CHANGE_LIMIT, watched)
+            .await
+            .unwrap_or_else(|_| panic!("{service:?} did not report {expected:?} within a minute"));
     }
 
     /// The status `Health.Check` reports for `service`.
@@ -241,6 +269,27 @@ impl TestApp {
             page_token = page.next_page_token;
         }
     }
+}
+
+fn endpoint() -> Endpoint {
+    Endpoint::from_static("http://in-memory.test")
+}
+
+/// Connects `endpoint` over in-memory pipes: every connection the channel opens is one end of a fresh
+/// pipe, and the server gets the other end through `connections`.
+async fn connect(connections: &Connections, endpoint: Endpoint) -> Channel {
+    let connections = connections.clone();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+            let sent = connections.send(Ok(server_end));
+            async move {
+                sent.map_err(|_| std::io::Error::other("the test server has stopped"))?;
+                Ok::<_, std::io::Error>(TokioIo::new(client_end))
+            }
+        }))
+        .await
+        .expect("in-memory connection")
 }
 
 impl Drop for TestApp {
@@ -331,20 +380,27 @@ impl TestDatabase {
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
-                let url = postgres_url()?;
-                let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
-                let mut admin = connect_admin(&url).await;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create test schema");
-                let options = sqlx::postgres::PgConnectOptions::from_str(&url)
-                    .expect("valid TEST_POSTGRES_URL")
-                    .options([("search_path", schema.as_str())]);
+                let (options, database) = Self::postgres_schema().await?;
                 let store = app::store::PostgresStore::with_options(options, &settings.database);
-                Some((Arc::new(store), TestDatabase::Postgres { url, schema }))
+                Some((Arc::new(store), database))
             }
         }
+    }
+
+    /// A fresh schema in the PostgreSQL test database, and options that connect into it.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres_schema() -> Option<(sqlx::postgres::PgConnectOptions, TestDatabase)> {
+        let url = postgres_url()?;
+        let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = connect_admin(&url).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut admin)
+            .await
+            .expect("create test schema");
+        let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+            .expect("valid TEST_POSTGRES_URL")
+            .options([("search_path", schema.as_str())]);
+        Some((options, TestDatabase::Postgres { url, schema }))
     }
 }
 
