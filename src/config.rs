@@ -63,7 +63,8 @@ pub struct DatabaseSettings {
     /// Longest wait for a pooled connection (including opening a new one) before a call fails UNAVAILABLE.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
-    /// Longest a health check or a migration attempt may take to reach the database.
+    /// Longest one health check may take to reach the database (opening a connection included) and
+    /// confirm its schema; past it the database counts as unreachable. Migrations are not bounded by it.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Apply the embedded migrations when the server starts.
