@@ -137,6 +137,9 @@ impl OrderStore for PostgresStore {
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
         let query = query.to_owned();
+        // lower() folds case by the database's LC_CTYPE: all of Unicode under a UTF-8 locale (what the
+        // official images and managed services default to), only ASCII under the plain C locale. Every
+        // row is scanned: a large table wants pg_trgm GIN indexes, and a query shaped to use them.
         Box::pin(async_stream::try_stream! {
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
