@@ -18,7 +18,8 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
-    /// The database could not be reached in time; retrying later may succeed.
+    /// The database could not be reached, or cannot serve the call right now; retrying later may
+    /// succeed.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
 
@@ -40,19 +41,94 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        match err {
+        let unavailable = match &err {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
-            _ => Self::Database(err),
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => is_transient(db.as_ref()),
+            _ => false,
+        };
+        if unavailable {
+            Self::Unavailable(err)
+        } else {
+            Self::Database(err)
         }
     }
+}
+
+/// Whether the database reports that it cannot serve the call now but may soon, on this or another
+/// connection.
+fn is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = err.code() else {
+        return false;
+    };
+    if err
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        code.parse().is_ok_and(is_transient_sqlite_code)
+    } else {
+        is_transient_sqlstate(&code)
+    }
+}
+
+/// SQLite reports extended result codes, whose low byte is the primary code. SQLITE_BUSY and
+/// SQLITE_LOCKED: another connection held the lock for longer than `busy_timeout`.
+fn is_transient_sqlite_code(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6)
+}
+
+/// PostgreSQL SQLSTATEs: connection exceptions (class 08), too many connections, and the server
+/// shutting down, crashing or starting up (admin_shutdown, crash_shutdown, cannot_connect_now).
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03")
 }
 
 impl From<Violations> for Error {
     fn from(violations: Violations) -> Self {
         Self::InvalidArgument(violations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_database_codes_are_told_apart_from_the_rest() {
+        for sqlstate in ["08006", "08001", "53300", "57P01", "57P03"] {
+            assert!(is_transient_sqlstate(sqlstate), "{sqlstate}");
+        }
+        // unique_violation, undefined_table, serialization_failure.
+        for sqlstate in ["23505", "42P01", "40001"] {
+            assert!(!is_transient_sqlstate(sqlstate), "{sqlstate}");
+        }
+        // SQLITE_BUSY, SQLITE_BUSY_SNAPSHOT, SQLITE_LOCKED, SQLITE_LOCKED_SHAREDCACHE.
+        for code in [5, 517, 6, 262] {
+            assert!(is_transient_sqlite_code(code), "{code}");
+        }
+        // SQLITE_CONSTRAINT_UNIQUE, SQLITE_ERROR.
+        for code in [2067, 1] {
+            assert!(!is_transient_sqlite_code(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn lost_connections_are_unavailable() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            Error::from(sqlx::Error::Io(reset)),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(
+            Error::from(sqlx::Error::PoolTimedOut),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(
+            Error::from(sqlx::Error::RowNotFound),
+            Error::Database(_)
+        ));
     }
 }

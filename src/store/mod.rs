@@ -9,7 +9,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use sqlx::migrate::{Migrate, Migrator};
+use sqlx::{
+    Database, Pool, SqlSafeStr, Transaction,
+    migrate::{Migrate, Migrator},
+    pool::PoolConnection,
+};
 
 use crate::{
     config::{Backend, DatabaseSettings},
@@ -87,6 +91,23 @@ pub fn connect(settings: &DatabaseSettings) -> Result<Arc<dyn OrderStore>> {
         #[cfg(feature = "postgres")]
         Backend::Postgres => Arc::new(PostgresStore::connect_lazy(settings)?),
     })
+}
+
+/// Takes a connection from `pool`. However that fails (the pool timed out or is closed; the database
+/// refused the connection, reset it or cut its handshake short), this call cannot reach the database
+/// and a retry later may: it is UNAVAILABLE whatever kind of error the driver reports.
+async fn connection<DB: Database>(pool: &Pool<DB>) -> Result<PoolConnection<DB>> {
+    pool.acquire().await.map_err(Error::Unavailable)
+}
+
+/// Starts a transaction with `begin` (`BEGIN`, or a backend's own variant) on a connection taken as
+/// [`connection`] takes it.
+async fn transaction<DB: Database>(
+    pool: &Pool<DB>,
+    begin: &'static str,
+) -> Result<Transaction<'static, DB>> {
+    let conn = connection(pool).await?;
+    Ok(Transaction::begin(conn, Some(begin.into_sql_str())).await?)
 }
 
 /// The table in which sqlx records applied migrations.

@@ -64,7 +64,7 @@ impl OrderStore for PostgresStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(INSERT_ORDER_LOCK)
             .execute(&mut *tx)
@@ -112,15 +112,17 @@ impl OrderStore for PostgresStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
+        let mut conn = super::connection(&self.pool).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = $1"))
             .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?
             .ok_or(Error::OrderNotFound(id))?
             .into_order()
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
+        let mut conn = super::connection(&self.pool).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -129,7 +131,7 @@ impl OrderStore for PostgresStore {
         ))
         .bind(after.map_or(0, PageCursor::position))
         .bind(i64::from(page_size) + 1)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         super::page_from_rows(rows, page_size, |row| row.seq, OrderRow::into_order)
     }
@@ -141,6 +143,7 @@ impl OrderStore for PostgresStore {
         // official images and managed services default to), only ASCII under the plain C locale. Every
         // row is scanned: a large table wants pg_trgm GIN indexes, and a query shaped to use them.
         Box::pin(async_stream::try_stream! {
+            let mut conn = super::connection(&pool).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE strpos(lower(description), lower($1)) > 0",
@@ -148,7 +151,7 @@ impl OrderStore for PostgresStore {
                 " ORDER BY seq"
             ))
             .bind(query)
-            .fetch(&pool);
+            .fetch(&mut *conn);
             while let Some(row) = rows.try_next().await? {
                 yield row.into_order()?;
             }
@@ -156,7 +159,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn update(&self, updates: &[OrderUpdate]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
         let now = domain::now();
         for update in updates {
             let details = &update.details;
@@ -183,7 +186,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn ship(&self, ids: &[OrderId]) -> Result<Vec<Order>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
         let now = domain::now();
         let mut shipped = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -210,7 +213,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = super::connection(&self.pool).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 

@@ -51,7 +51,7 @@ impl SqliteStore {
     /// transaction that reads first fails with SQLITE_BUSY instead of waiting when another writer got
     /// in between; taking the lock up front makes writers queue behind each other.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        super::transaction(&self.pool, "BEGIN IMMEDIATE").await
     }
 }
 
@@ -63,6 +63,7 @@ impl OrderStore for SqliteStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
+        let mut conn = super::connection(&self.pool).await?;
         let inserted: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (id, request_id, items, description, price_cents, destination,",
             " status, create_time, update_time, items_folded, description_folded)",
@@ -81,7 +82,7 @@ impl OrderStore for SqliteStore {
         .bind(now)
         .bind(items_json(&fold_items(details.items()))?)
         .bind(details.description().to_lowercase())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
 
         match (inserted, request_id) {
@@ -94,7 +95,7 @@ impl OrderStore for SqliteStore {
                 " FROM orders WHERE request_id = ?1"
             ))
             .bind(request_id.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?
             .into_order(),
             (None, None) => Err(Error::CorruptData(
@@ -104,15 +105,17 @@ impl OrderStore for SqliteStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
+        let mut conn = super::connection(&self.pool).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = ?1"))
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?
             .ok_or(Error::OrderNotFound(id))?
             .into_order()
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
+        let mut conn = super::connection(&self.pool).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -121,7 +124,7 @@ impl OrderStore for SqliteStore {
         ))
         .bind(after.map_or(0, PageCursor::position))
         .bind(i64::from(page_size) + 1)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         super::page_from_rows(rows, page_size, |row| row.seq, OrderRow::into_order)
     }
@@ -130,6 +133,7 @@ impl OrderStore for SqliteStore {
         let pool = self.pool.clone();
         let folded_query = query.to_lowercase();
         Box::pin(async_stream::try_stream! {
+            let mut conn = super::connection(&pool).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE instr(description_folded, ?1) > 0",
@@ -138,7 +142,7 @@ impl OrderStore for SqliteStore {
                 " ORDER BY seq"
             ))
             .bind(folded_query)
-            .fetch(&pool);
+            .fetch(&mut *conn);
             while let Some(row) = rows.try_next().await? {
                 yield row.into_order()?;
             }
@@ -203,7 +207,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = super::connection(&self.pool).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 
