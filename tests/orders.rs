@@ -14,7 +14,8 @@ use std::{
 use app::{
     api::{
         self, CreateOrderRequest, ListOrdersRequest, OrderStatus, ProcessOrdersRequest,
-        SearchOrdersRequest, UpdateOrdersRequest, order_service_client::OrderServiceClient,
+        SearchOrdersRequest, SearchOrdersResponse, UpdateOrdersRequest,
+        order_service_client::OrderServiceClient,
     },
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     store::{OrderStore, OrderStream, Page, PageCursor},
@@ -23,7 +24,7 @@ use common::{Backend, TestApp, order_to, test_settings, violated_fields};
 use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request};
+use tonic::{Code, Request, Streaming, transport::Channel};
 
 backend_tests!(
     create_assigns_id_status_and_times,
@@ -408,16 +409,8 @@ async fn search_streams_rows_as_the_client_reads_them(backend: Backend) {
         })
         .await,
     );
-    let search = || SearchOrdersRequest {
-        query: "BULK ORDER".into(),
-    };
 
-    let mut matches = client
-        .search_orders(search())
-        .await
-        .expect("search starts")
-        .into_inner();
-    matches.message().await.expect("first match");
+    let mut matches = search_and_take_one(&mut client, "BULK ORDER").await;
     // The client reads nothing more for now. A server that streams stops reading rows once the window
     // is full; one that collects the whole result first reads all of them.
     let read_ahead = rows_read_once_settled(&rows_read).await;
@@ -435,14 +428,26 @@ async fn search_streams_rows_as_the_client_reads_them(backend: Backend) {
     // Clients that walk away mid-stream, more of them than the pool has connections: each abandoned
     // search gives its connection back, so the service still answers.
     for _ in 0..2 * test_settings().database.max_connections.get() {
-        let mut abandoned = client
-            .search_orders(search())
-            .await
-            .expect("search starts")
-            .into_inner();
-        abandoned.message().await.expect("first match");
+        drop(search_and_take_one(&mut client, "bulk").await);
     }
     assert_eq!(app.list_all().await.len(), ORDERS);
+}
+
+/// Starts a search for `query`, reads its first match and returns the rest of the stream unread.
+async fn search_and_take_one(
+    client: &mut OrderServiceClient<Channel>,
+    query: &str,
+) -> Streaming<SearchOrdersResponse> {
+    let mut matches = client
+        .search_orders(SearchOrdersRequest {
+            query: query.to_owned(),
+        })
+        .await
+        .expect("search starts")
+        .into_inner();
+    let first = matches.message().await.expect("stream continues");
+    assert!(first.is_some(), "a first match");
+    matches
 }
 
 /// The number of rows searches have read, once it has stopped growing (or after ten seconds).

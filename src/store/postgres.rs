@@ -209,6 +209,8 @@ impl OrderStore for PostgresStore {
     }
 
     async fn migrate(&self) -> Result<()> {
+        // On the pool, not `super::connection`: sqlx's `Migrator::run` cannot take a pooled
+        // connection inside an async-trait method, and migration errors never reach a client.
         Ok(MIGRATOR.run(&self.pool).await?)
     }
 
