@@ -6,7 +6,15 @@
 //! `RUST_LOG`, when set, replaces `telemetry.log_level`. Unknown keys and invalid values fail with the key's name and the
 //! layer it came from.
 
-use std::{fmt, net::SocketAddr, num::NonZeroU32, path::Path, str::FromStr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use figment::{
     Figment,
@@ -23,6 +31,8 @@ pub const ENV_PREFIX: &str = "APP_";
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub tls: TlsSettings,
+    pub auth: AuthSettings,
     pub database: DatabaseSettings,
     pub service: ServiceSettings,
     pub telemetry: TelemetrySettings,
@@ -40,6 +50,34 @@ pub struct ServerSettings {
     /// How often the health service re-checks the database.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// The largest message decoded or encoded; a larger request is RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams (calls) one connection may have open; further ones wait in the client.
+    pub max_concurrent_streams: u32,
+    /// How often an HTTP/2 PING checks that a quiet connection's peer is still there.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A connection with no call in progress for this long is closed with GOAWAY.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_idle: Duration,
+    /// A connection this old (± 10 % jitter) is asked to go away, so clients behind L4 load
+    /// balancers reconnect and spread over new replicas.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// How long calls on a connection past its age may still run before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// A new connection that has not sent the HTTP/2 preface (after TLS, when on) within this is closed.
+    #[serde(with = "humantime_serde")]
+    pub preface_timeout: Duration,
+    /// Calls in progress server-wide (streams until their last message); more are refused at once
+    /// with RESOURCE_EXHAUSTED rather than queued.
+    pub max_in_flight: NonZeroU32,
+    pub rate_limit: RateLimitSettings,
+    pub timeouts: TimeoutSettings,
 }
 
 impl Default for ServerSettings {
@@ -49,6 +87,165 @@ impl Default for ServerSettings {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
             reflection: true,
             health_check_interval: Duration::from_secs(5),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 100,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_idle: Duration::from_secs(5 * 60),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(30),
+            preface_timeout: Duration::from_secs(10),
+            max_in_flight: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
+            rate_limit: RateLimitSettings::default(),
+            timeouts: TimeoutSettings::default(),
+        }
+    }
+}
+
+/// A token bucket per client (authenticated subject, else client certificate, else peer IP).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Calls per second each client may make; 0 turns the limit off.
+    pub per_second: u32,
+    /// Calls a client may make at once after being quiet; 0 means `per_second`.
+    pub burst: u32,
+}
+
+/// Server-side deadlines; the most specific entry wins (method > service > default), and a call's
+/// effective deadline is the shorter of the client's `grpc-timeout` and this. `0s` means none.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutSettings {
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    /// By full service name, e.g. `"order.v1.OrderService"`.
+    #[serde(with = "duration_map")]
+    pub services: BTreeMap<String, Duration>,
+    /// By `"package.Service/Method"`.
+    #[serde(with = "duration_map")]
+    pub methods: BTreeMap<String, Duration>,
+}
+
+impl Default for TimeoutSettings {
+    fn default() -> Self {
+        let service = crate::health::ORDER_SERVICE_NAME;
+        Self {
+            default: Duration::from_secs(30),
+            services: BTreeMap::from([(service.to_owned(), Duration::from_secs(10))]),
+            methods: BTreeMap::from([
+                // A search streams every match: give it longer than the service's unary calls.
+                (format!("{service}/SearchOrders"), Duration::from_secs(60)),
+                // A health Watch is meant to stay open; clients re-open it when it ends.
+                ("grpc.health.v1.Health/Watch".to_owned(), Duration::ZERO),
+            ]),
+        }
+    }
+}
+
+/// `humantime_serde` for the values of a map.
+mod duration_map {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize, Serialize)]
+    struct Humantime(#[serde(with = "humantime_serde")] Duration);
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        map.iter()
+            .map(|(key, value)| (key, Humantime(*value)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        Ok(BTreeMap::<String, Humantime>::deserialize(deserializer)?
+            .into_iter()
+            .map(|(key, Humantime(value))| (key, value))
+            .collect())
+    }
+}
+
+/// Transport security: plaintext when no certificate is set, TLS with one, mutual TLS with a client CA.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates; when set, clients must present a certificate chaining to one of them.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are re-read; changed ones serve new connections (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Longest a TLS handshake may take before the connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every caller is anonymous.
+    #[default]
+    None,
+    /// Every non-public call needs `authorization: Bearer <JWT>`.
+    Jwt,
+}
+
+/// Who may call: bearer JWTs checked by a layer in front of every service.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// File holding the HS256 shared secret (e.g. a mounted Kubernetes Secret).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// File holding the PEM public key that verifies RS256 or ES256 tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Methods anyone may call: `"package.Service/Method"` or `"package.Service/*"`.
+    pub public_methods: Vec<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            issuer: String::new(),
+            audience: String::new(),
+            leeway: Duration::from_secs(30),
+            public_methods: vec![
+                "grpc.health.v1.Health/*".to_owned(),
+                "grpc.reflection.v1.ServerReflection/*".to_owned(),
+                "grpc.reflection.v1alpha.ServerReflection/*".to_owned(),
+            ],
         }
     }
 }
@@ -241,6 +438,8 @@ pub enum ConfigError {
     Layers(Box<figment::Error>),
     #[error("invalid configuration: RUST_LOG: {0}")]
     RustLog(String),
+    #[error("invalid configuration: {0}")]
+    Inconsistent(String),
 }
 
 impl Settings {
@@ -253,7 +452,45 @@ impl Settings {
         if let Some(directives) = std::env::var("RUST_LOG").ok().filter(|d| !d.is_empty()) {
             settings.telemetry.log_level = directives.parse().map_err(ConfigError::RustLog)?;
         }
+        settings.check().map_err(ConfigError::Inconsistent)?;
         Ok(settings)
+    }
+
+    /// The rules that span several keys; each message names the keys involved.
+    pub fn check(&self) -> Result<(), String> {
+        let tls = &self.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("tls.cert_file and tls.key_file must be set together".to_owned());
+            }
+            (None, None) if tls.client_ca_file.is_some() => {
+                return Err(
+                    "tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file"
+                        .to_owned(),
+                );
+            }
+            _ => {}
+        }
+        if self.auth.mode == AuthMode::Jwt {
+            let auth = &self.auth;
+            if auth.jwt_secret_file.is_some() == auth.jwt_public_key_file.is_some() {
+                return Err(
+                    "auth.mode = \"jwt\" needs exactly one of auth.jwt_secret_file (HS256) \
+                     and auth.jwt_public_key_file (RS256/ES256)"
+                        .to_owned(),
+                );
+            }
+            if auth.issuer.is_empty() || auth.audience.is_empty() {
+                return Err("auth.mode = \"jwt\" needs auth.issuer and auth.audience".to_owned());
+            }
+        }
+        if self.server.max_message_bytes == 0 || self.server.max_concurrent_streams == 0 {
+            return Err(
+                "server.max_message_bytes and server.max_concurrent_streams must be above 0"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     fn figment(config_file: Option<&Path>) -> Figment {

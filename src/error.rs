@@ -7,16 +7,24 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The input broke one or more rules; nothing was changed.
+    /// The request's parameters broke one or more rules; nothing was changed.
     #[error("invalid argument: {0}")]
     InvalidArgument(Violations),
+
+    /// The order given to create or update broke one or more rules; nothing was changed.
+    #[error("invalid order: {0}")]
+    InvalidOrder(Violations),
 
     #[error("order {0} not found")]
     OrderNotFound(OrderId),
 
-    /// The request is valid but the order is not in a state that allows it.
-    #[error("{0}")]
-    FailedPrecondition(String),
+    /// The order is shipped, and a shipped order cannot change or ship again.
+    #[error("order {0} is already shipped and cannot change")]
+    OrderAlreadyShipped(OrderId),
+
+    /// One ProcessOrders stream named the same order twice.
+    #[error("order {0} was already sent on this stream")]
+    OrderRepeatedInStream(OrderId),
 
     /// The database could not be reached, or cannot serve the call right now; retrying later may
     /// succeed.

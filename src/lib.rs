@@ -1,6 +1,7 @@
 //! The order service as a library: everything `main` wires together, and what the tests drive.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;
@@ -10,5 +11,7 @@ pub mod healthcheck;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -1,4 +1,5 @@
-//! One log line per RPC, with its method, gRPC status code and duration.
+//! One log line per RPC, with its method, gRPC status code, duration, and who called: the peer's
+//! address, the client certificate's identity (mutual TLS) and the token's subject (JWT).
 //!
 //! Written by hand because a gRPC status is not where HTTP middleware looks: it arrives in the response
 //! headers (trailers-only errors), in the trailers after the last message (everything else), or never
@@ -16,6 +17,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 use tower::{Layer, Service};
+
+use super::connection::Peer;
+use crate::auth::Subject;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AccessLogLayer;
@@ -48,6 +52,8 @@ where
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
         let call = RpcCall {
             path: request.uri().path().to_owned(),
+            peer: request.extensions().get::<Peer>().cloned(),
+            subject: None,
             started: Instant::now(),
             finished: false,
         };
@@ -78,9 +84,12 @@ where
             Poll::Pending => return Poll::Pending,
             Poll::Ready(result) => result,
         };
-        let call = this.call.take();
+        let mut call = this.call.take();
         Poll::Ready(match response {
             Ok(response) => {
+                if let Some(call) = &mut call {
+                    call.subject = response.extensions().get::<Subject>().cloned();
+                }
                 // A trailers-only response carries its status in the headers: the call is over.
                 let call = match (status_code(response.headers()), call) {
                     (Some(code), Some(call)) => {
@@ -158,6 +167,8 @@ fn status_code(headers: &HeaderMap) -> Option<Code> {
 #[derive(Debug)]
 struct RpcCall {
     path: String,
+    peer: Option<Peer>,
+    subject: Option<Subject>,
     started: Instant,
     finished: bool,
 }
@@ -165,34 +176,47 @@ struct RpcCall {
 impl RpcCall {
     fn finish(mut self, code: Code) {
         self.finished = true;
-        log_rpc(&self.path, self.started, code);
+        self.log(code);
+    }
+
+    fn log(&self, code: Code) {
+        let path = self.path.as_str();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((path, ""));
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let code_number = code as i32;
+        let peer = self.peer.as_ref();
+        let peer_addr = peer.and_then(|peer| peer.addr).map(tracing::field::display);
+        let client = peer
+            .and_then(|peer| peer.identity.as_ref())
+            .map(|identity| identity.name());
+        let subject = self.subject.as_ref().map(Subject::as_str);
+        if matches!(
+            code,
+            Code::Unknown
+                | Code::Internal
+                | Code::DataLoss
+                | Code::Unavailable
+                | Code::Unimplemented
+        ) {
+            tracing::warn!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
+                rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms,
+                peer = peer_addr, client, subject, "rpc finished");
+        } else {
+            tracing::info!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
+                rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms,
+                peer = peer_addr, client, subject, "rpc finished");
+        }
     }
 }
 
 impl Drop for RpcCall {
     fn drop(&mut self) {
         if !self.finished {
-            log_rpc(&self.path, self.started, Code::Cancelled);
+            self.log(Code::Cancelled);
         }
-    }
-}
-
-fn log_rpc(path: &str, started: Instant, code: Code) {
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let code_number = code as i32;
-    if matches!(
-        code,
-        Code::Unknown | Code::Internal | Code::DataLoss | Code::Unavailable | Code::Unimplemented
-    ) {
-        tracing::warn!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
-            rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms, "rpc finished");
-    } else {
-        tracing::info!(rpc.system = "grpc", rpc.service = service, rpc.method = method,
-            rpc.grpc.status_code = code_number, grpc.code = ?code, duration_ms, "rpc finished");
     }
 }
 

@@ -1,31 +1,57 @@
-//! The gRPC server: one `Application` (services, reflection, health and layers) that `serve` and the
-//! tests both run, and the lifecycle around it: readiness from the database, graceful shutdown.
+//! The gRPC server: one `Application` (services, reflection, health and the layers every call passes
+//! through) that `serve` and the tests both run, and the lifecycle around it: connections, readiness
+//! from the database, certificate reloads, graceful shutdown.
 
 mod access_log;
+mod body;
+mod connection;
+mod deadline;
+mod error_details;
+mod in_flight;
+mod panic_guard;
+mod rate_limit;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{
-    Server,
-    server::{Connected, Router, TcpIncoming},
-};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::layer::util::{Identity, Stack};
+use tower::ServiceBuilder;
 
-pub use self::access_log::AccessLogLayer;
+use self::{
+    access_log::AccessLog,
+    connection::ConnectionOptions,
+    deadline::{DeadlineLayer, DeadlineService, TimeoutTable},
+    error_details::{ErrorDetails, ErrorDetailsLayer},
+    in_flight::{InFlightLimit, InFlightLimitLayer},
+    panic_guard::{PanicGuard, PanicGuardLayer},
+    rate_limit::{RateLimit, RateLimitLayer},
+};
+pub use self::{
+    access_log::AccessLogLayer,
+    connection::{Peer, Socket},
+    deadline::{Deadline, parse_grpc_timeout},
+};
 use crate::{
     api,
-    config::Settings,
+    auth::{AuthError, AuthLayer, AuthPolicy, Authenticate},
+    config::{AuthMode, Settings},
     health::{self, WatchSettings},
-    service::OrderApi,
+    service::{self, OrderApi},
     shutdown,
     store::{self, OrderStore},
+    tls::{ServerTls, TlsError},
 };
 
-/// The middleware every call passes through, outermost first.
-pub type Layers = Stack<AccessLogLayer, Identity>;
+/// Every call's path through the server, outermost first: the access log sees the final status of
+/// everything below it; load shedding refuses before any work; the deadline bounds authentication and
+/// the handler alike; the rate limit keys on the authenticated caller; panics become INTERNAL; and
+/// the framework's own statuses get their details before anyone logs them.
+pub type CallStack = AccessLog<
+    InFlightLimit<DeadlineService<Authenticate<RateLimit<PanicGuard<ErrorDetails<Routes>>>>>>,
+>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -38,16 +64,23 @@ pub enum ServerError {
     Store(#[from] crate::error::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// The complete server, ready to serve on any connection source.
 pub struct Application {
-    router: Router<Layers>,
+    service: CallStack,
     store: Arc<dyn OrderStore>,
     health: HealthReporter,
     watch: WatchSettings,
+    tls: Option<Arc<ServerTls>>,
+    tls_reload_interval: Duration,
+    connections: Arc<ConnectionOptions>,
 }
 
 impl Application {
@@ -62,33 +95,61 @@ impl Application {
         store: Arc<dyn OrderStore>,
         settings: &Settings,
     ) -> Result<Self, ServerError> {
+        let limit = settings.server.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         // Nothing is ready until the database is: the watch started by `serve` flips this.
         health::set_all(&health, ServingStatus::NotServing).await;
+        let health_service = health_service
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
 
-        let (reflection_v1, reflection_v1alpha) = if settings.server.reflection {
+        let mut routes = Routes::builder();
+        routes.add_service(health_service).add_service(
+            OrderApi::new(Arc::clone(&store), &settings.service)
+                .into_server()
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        );
+        if settings.server.reflection {
             let builder = || {
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             };
-            (
-                Some(builder().build_v1()?),
-                Some(builder().build_v1alpha()?),
-            )
-        } else {
-            (None, None)
-        };
+            routes
+                .add_service(
+                    builder()
+                        .build_v1()?
+                        .max_decoding_message_size(limit)
+                        .max_encoding_message_size(limit),
+                )
+                .add_service(
+                    builder()
+                        .build_v1alpha()?
+                        .max_decoding_message_size(limit)
+                        .max_encoding_message_size(limit),
+                );
+        }
 
-        let router = Server::builder()
+        let methods = api::served_methods();
+        let timeouts =
+            TimeoutTable::new(&settings.server.timeouts, &methods).map_err(ServerError::Config)?;
+        let auth = AuthPolicy::new(&settings.auth, &methods, &service::method_scopes())?;
+        let max_in_flight =
+            usize::try_from(settings.server.max_in_flight.get()).unwrap_or(usize::MAX);
+        let service = ServiceBuilder::new()
             .layer(AccessLogLayer)
-            .add_service(health_service)
-            .add_service(OrderApi::new(Arc::clone(&store), &settings.service).into_server())
-            .add_optional_service(reflection_v1)
-            .add_optional_service(reflection_v1alpha);
+            .layer(InFlightLimitLayer::new(max_in_flight))
+            .layer(DeadlineLayer::new(timeouts))
+            .layer(AuthLayer::new(auth))
+            .layer(RateLimitLayer::new(&settings.server.rate_limit))
+            .layer(PanicGuardLayer)
+            .layer(ErrorDetailsLayer)
+            .service(routes.routes().prepare());
 
+        let tls = ServerTls::load(&settings.tls)?;
         Ok(Self {
-            router,
+            service,
             store,
             health,
             watch: WatchSettings {
@@ -96,7 +157,19 @@ impl Application {
                 interval: settings.server.health_check_interval,
                 check_timeout: settings.database.connect_timeout,
             },
+            tls,
+            tls_reload_interval: settings.tls.reload_interval,
+            connections: Arc::new(ConnectionOptions::new(
+                &settings.server,
+                settings.tls.handshake_timeout,
+            )),
         })
+    }
+
+    /// The TLS configuration in service, when TLS is on; `reload` on it does what the reload timer
+    /// and SIGHUP do.
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
     }
 
     /// Serves connections from `incoming` until `shutdown` completes, then reports NOT_SERVING, lets
@@ -108,38 +181,66 @@ impl Application {
     ) -> Result<(), ServerError>
     where
         I: futures::Stream<Item = Result<IO, IE>>,
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
-        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+        IO: Socket,
+        IE: std::fmt::Display,
     {
-        let stop_watching = CancellationToken::new();
-        // However serving ends, the watch ends with it.
-        let _stop_watching_on_exit = stop_watching.clone().drop_guard();
+        let background = CancellationToken::new();
+        // However serving ends, the background tasks end with it.
+        let _stop_background_on_exit = background.clone().drop_guard();
         let watcher = tokio::spawn(health::watch_database(
             Arc::clone(&self.store),
             self.health.clone(),
             self.watch,
-            stop_watching.clone(),
+            background.clone(),
         ));
+        if let Some(tls) = &self.tls {
+            tokio::spawn(Arc::clone(tls).watch(self.tls_reload_interval, background.child_token()));
+        }
 
-        let health = self.health;
-        let stopping = async move {
-            shutdown.await;
-            // Stop the watch first so it cannot report SERVING again, then tell clients and load
-            // balancers to go elsewhere while the calls already running finish.
-            stop_watching.cancel();
-            if let Err(err) = watcher.await {
-                tracing::error!(error = %err, "health watch task failed");
+        let connections = TaskTracker::new();
+        let stop_connections = CancellationToken::new();
+        // Boxed so that it can be dropped, closing the listener, once accepting stops.
+        let mut incoming = Box::pin(incoming);
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = incoming.next() => accepted,
+            };
+            match accepted {
+                Some(Ok(io)) => {
+                    connections.spawn(connection::serve(
+                        io,
+                        self.tls.clone(),
+                        self.service.clone(),
+                        Arc::clone(&self.connections),
+                        stop_connections.child_token(),
+                    ));
+                }
+                Some(Err(err)) => {
+                    // Usually out of file descriptors: pause rather than spin, then accept again.
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => break,
             }
-            health::set_all(&health, ServingStatus::NotServing).await;
-            tracing::info!("draining in-flight calls");
-        };
-        let served = self
-            .router
-            .serve_with_incoming_shutdown(incoming, stopping)
-            .await;
+        }
+
+        // Stop the watch first so it cannot report SERVING again, then tell clients and load
+        // balancers to go elsewhere while the calls already running finish.
+        background.cancel();
+        if let Err(err) = watcher.await {
+            tracing::error!(error = %err, "health watch task failed");
+        }
+        health::set_all(&self.health, ServingStatus::NotServing).await;
+        tracing::info!("draining in-flight calls");
+        drop(incoming); // No new connections from here on.
+        stop_connections.cancel();
+        connections.close();
+        connections.wait().await;
         self.store.close().await;
         tracing::info!("server stopped");
-        Ok(served?)
+        Ok(())
     }
 }
 
@@ -153,11 +254,34 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
     let application = Application::build(settings).await?;
-    tracing::info!(addr = %local_addr, "serving gRPC");
+    warn_about_exposure(settings, local_addr);
+    tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            // gRPC messages are small and latency-bound: never wait to coalesce them.
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        })
+    });
     application
-        .serve_with_incoming(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown::signal(),
-        )
+        .serve_with_incoming(incoming, shutdown::signal())
         .await
+}
+
+/// One warning per risk that the configuration leaves open, at start-up.
+fn warn_about_exposure(settings: &Settings, addr: SocketAddr) {
+    if settings.tls.cert_file.is_none() {
+        tracing::warn!(
+            "TLS is off (tls.cert_file is not set): calls, tokens and data cross the network in \
+             plaintext; use it only for local development or behind a mesh that encrypts"
+        );
+    }
+    if settings.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "authentication is off (auth.mode = \"none\") on a non-loopback address: anyone who \
+             can reach the port can read and change orders"
+        );
+    }
 }

@@ -3,7 +3,6 @@
 
 mod convert;
 mod page_token;
-mod status;
 
 use std::sync::Arc;
 
@@ -21,8 +20,31 @@ use crate::{
     config::ServiceSettings,
     domain::{Batch, OrderId, OrderStatus, Shipment, ShipmentBatches, Violations},
     error::Error,
+    health::ORDER_SERVICE_NAME,
     store::OrderStore,
 };
+
+/// The scope each method needs when `auth.mode = "jwt"`: reads need `orders.read`, writes
+/// `orders.write`. The auth layer checks it before a handler runs; a method missing here cannot be
+/// called at all.
+pub const METHOD_SCOPES: [(&str, &str); 6] = [
+    ("GetOrder", READ),
+    ("ListOrders", READ),
+    ("SearchOrders", READ),
+    ("CreateOrder", WRITE),
+    ("UpdateOrders", WRITE),
+    ("ProcessOrders", WRITE),
+];
+const READ: &str = "orders.read";
+const WRITE: &str = "orders.write";
+
+/// [`METHOD_SCOPES`] by full method name (`package.Service/Method`).
+pub fn method_scopes() -> Vec<(String, &'static str)> {
+    METHOD_SCOPES
+        .iter()
+        .map(|(method, scope)| (format!("{ORDER_SERVICE_NAME}/{method}"), *scope))
+        .collect()
+}
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -61,7 +83,7 @@ impl OrderService for OrderApi {
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
         let (details, request_id) =
-            convert::create_request(request.into_inner()).map_err(Error::from)?;
+            convert::create_request(request.into_inner()).map_err(Error::InvalidOrder)?;
         let order = self.store.create(&details, request_id.as_ref()).await?;
         Ok(Response::new(CreateOrderResponse {
             order: Some(order.into()),
@@ -155,7 +177,7 @@ impl OrderService for OrderApi {
             }
             let update = convert::update_request(message)
                 .map_err(|violations| violations.with_context(&format!("message {number}")))
-                .map_err(Error::from)?;
+                .map_err(Error::InvalidOrder)?;
             updates.push(update);
         }
         self.store.update(&updates).await?;
@@ -185,12 +207,10 @@ impl OrderService for OrderApi {
                 let id = convert::order_id("order_id", &request.order_id).map_err(Error::from)?;
                 let order = store.get(id).await?;
                 if order.status == OrderStatus::Shipped {
-                    Err(Error::FailedPrecondition(format!("order {id} is already shipped")))?;
+                    Err(Error::OrderAlreadyShipped(id))?;
                 }
                 if batches.contains(id) {
-                    Err(Error::FailedPrecondition(format!(
-                        "order {id} was already sent on this stream"
-                    )))?;
+                    Err(Error::OrderRepeatedInStream(id))?;
                 }
                 if let Some(batch) = batches.add(order.details.destination(), id) {
                     yield ship(store.as_ref(), batch).await?;
@@ -229,6 +249,20 @@ async fn ship(store: &dyn OrderStore, batch: Batch) -> Result<ProcessOrdersRespo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_method_of_the_service_needs_a_scope() {
+        let served: Vec<String> = crate::api::served_methods()
+            .into_iter()
+            .filter(|method| method.service == ORDER_SERVICE_NAME)
+            .map(|method| method.full_name())
+            .collect();
+        let mut scoped: Vec<String> = method_scopes().into_iter().map(|(name, _)| name).collect();
+        let mut served_sorted = served.clone();
+        served_sorted.sort();
+        scoped.sort();
+        assert_eq!(scoped, served_sorted);
+    }
 
     #[test]
     fn page_size_defaults_clamps_and_rejects_negatives() {

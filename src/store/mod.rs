@@ -132,7 +132,7 @@ async fn ensure_schema_current(conn: &mut impl Migrate, migrator: &Migrator) -> 
 /// The error for a conditional write that matched no row: the order is missing, or not pending.
 fn not_pending(id: OrderId, exists: bool) -> Error {
     if exists {
-        Error::FailedPrecondition(format!("order {id} is already shipped and cannot change"))
+        Error::OrderAlreadyShipped(id)
     } else {
         Error::OrderNotFound(id)
     }

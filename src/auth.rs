@@ -1,0 +1,413 @@
+//! Authentication and authorisation, as a layer in front of every service: handlers never see a call
+//! that is not allowed.
+//!
+//! With `auth.mode = "jwt"` every call to a method that is not public needs
+//! `authorization: Bearer <JWT>`: signature (HS256 with a shared secret, or RS256/ES256 with a public
+//! key), `exp`, `nbf`, `iss` and `aud` are all required and checked. A missing or bad token is
+//! UNAUTHENTICATED; a good token without the scope the method needs (the standard space-separated
+//! `scope` claim, matched against [`crate::service::METHOD_SCOPES`]) is PERMISSION_DENIED. The token's
+//! subject reaches handlers as a [`Subject`] request extension. Token values are never logged.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::{Either, Ready, ready};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use pin_project_lite::pin_project;
+use serde::Deserialize;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use crate::{
+    api::Method,
+    config::{AuthMode, AuthSettings},
+    status::{self, Reason},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{key} = {path:?}: {reason}")]
+    KeyFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("auth.public_methods: {0}")]
+    PublicMethods(String),
+    #[error("auth: {0}")]
+    Scopes(String),
+}
+
+/// The authenticated caller: the token's `sub` claim (empty when the token has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject(Arc<str>);
+
+impl Subject {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a method needs from its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Public,
+    Scope(&'static str),
+}
+
+/// Who may call what, resolved once at start-up.
+pub struct AuthPolicy {
+    verifier: Option<JwtVerifier>,
+    access: HashMap<String, Access>,
+}
+
+impl AuthPolicy {
+    /// Builds the policy for the served `methods`; `scopes` names the scope each method of the API
+    /// needs, by `package.Service/Method`. Fails on an unreadable key, a public method that is not
+    /// served, or a served API method with no scope (it would be unreachable).
+    pub fn new(
+        settings: &AuthSettings,
+        methods: &[Method],
+        scopes: &[(String, &'static str)],
+    ) -> Result<Self, AuthError> {
+        let is_public = |method: &Method| {
+            settings.public_methods.iter().any(|entry| {
+                entry == &method.full_name()
+                    || entry
+                        .strip_suffix("/*")
+                        .is_some_and(|service| service == method.service)
+            })
+        };
+        for entry in &settings.public_methods {
+            let known = methods.iter().any(|method| {
+                entry == &method.full_name()
+                    || entry.strip_suffix("/*") == Some(method.service.as_str())
+            });
+            if !known {
+                return Err(AuthError::PublicMethods(format!(
+                    "{entry:?} names no served method (write \"package.Service/Method\" or \
+                     \"package.Service/*\")"
+                )));
+            }
+        }
+        for (name, _) in scopes {
+            if !methods.iter().any(|method| &method.full_name() == name) {
+                return Err(AuthError::Scopes(format!(
+                    "a scope is declared for {name:?}, which is not served"
+                )));
+            }
+        }
+        let mut access = HashMap::new();
+        for method in methods {
+            let rule = if is_public(method) {
+                Access::Public
+            } else if let Some((_, scope)) =
+                scopes.iter().find(|(name, _)| *name == method.full_name())
+            {
+                Access::Scope(scope)
+            } else {
+                continue;
+            };
+            access.insert(method.path(), rule);
+        }
+        let verifier = match settings.mode {
+            AuthMode::None => None,
+            AuthMode::Jwt => Some(JwtVerifier::new(settings)?),
+        };
+        Ok(Self { verifier, access })
+    }
+
+    /// Decides on a call to `path` with these request headers: the caller, or the refusal to send.
+    fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Subject>, Status> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(None);
+        };
+        let access = self.access.get(path).copied();
+        if access == Some(Access::Public) {
+            return Ok(None);
+        }
+        let token = bearer_token(headers)?;
+        let claims = verifier.verify(token)?;
+        match access {
+            Some(Access::Scope(scope)) if !claims.has_scope(scope) => Err(status::error(
+                Code::PermissionDenied,
+                Reason::PermissionDenied,
+                format!("this method needs the {scope:?} scope"),
+            )),
+            // A method missing from the table is one the server does not serve: the router answers.
+            _ => Ok(Some(Subject(claims.sub.unwrap_or_default().into()))),
+        }
+    }
+}
+
+fn unauthenticated(reason: Reason, message: &str) -> Status {
+    status::error(Code::Unauthenticated, reason, message)
+}
+
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(unauthenticated(
+            Reason::UnauthenticatedTokenMissing,
+            "this method needs `authorization: Bearer <token>` metadata",
+        ));
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| {
+            unauthenticated(
+                Reason::UnauthenticatedTokenMalformed,
+                "the authorization metadata is not `Bearer <token>`",
+            )
+        })
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    #[serde(default)]
+    scope: String,
+}
+
+impl Claims {
+    fn has_scope(&self, wanted: &str) -> bool {
+        self.scope
+            .split_ascii_whitespace()
+            .any(|scope| scope == wanted)
+    }
+}
+
+/// Checks JWTs against one key and the configured issuer, audience and leeway.
+struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl JwtVerifier {
+    fn new(settings: &AuthSettings) -> Result<Self, AuthError> {
+        let (key, algorithm) = match (&settings.jwt_secret_file, &settings.jwt_public_key_file) {
+            (Some(path), _) => {
+                let secret = read_key("auth.jwt_secret_file", path)?;
+                // Secrets written with `echo` end in a newline that is not part of the secret.
+                let secret = secret.trim_ascii_end();
+                if secret.is_empty() {
+                    return Err(key_error("auth.jwt_secret_file", path, "the file is empty"));
+                }
+                (DecodingKey::from_secret(secret), Algorithm::HS256)
+            }
+            (None, Some(path)) => {
+                let pem = read_key("auth.jwt_public_key_file", path)?;
+                match DecodingKey::from_rsa_pem(&pem) {
+                    Ok(key) => (key, Algorithm::RS256),
+                    Err(_) => DecodingKey::from_ec_pem(&pem)
+                        .map(|key| (key, Algorithm::ES256))
+                        .map_err(|_| {
+                            key_error(
+                                "auth.jwt_public_key_file",
+                                path,
+                                "not a PEM RSA or EC (P-256) public key",
+                            )
+                        })?,
+                }
+            }
+            (None, None) => {
+                return Err(AuthError::KeyFile {
+                    key: "auth.jwt_secret_file",
+                    path: Default::default(),
+                    reason: "auth.mode = \"jwt\" needs a key".to_owned(),
+                });
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&settings.issuer]);
+        validation.set_audience(&[&settings.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = settings.leeway.as_secs();
+        Ok(Self { key, validation })
+    }
+
+    fn verify(&self, token: &str) -> Result<Claims, Status> {
+        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|err| {
+                let (reason, message) = match err.kind() {
+                    ErrorKind::ExpiredSignature => (
+                        Reason::UnauthenticatedTokenExpired,
+                        "the bearer token has expired",
+                    ),
+                    ErrorKind::ImmatureSignature => (
+                        Reason::UnauthenticatedTokenNotYetValid,
+                        "the bearer token is not valid yet (nbf)",
+                    ),
+                    ErrorKind::InvalidToken
+                    | ErrorKind::Base64(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::Utf8(_) => (
+                        Reason::UnauthenticatedTokenMalformed,
+                        "the bearer token is not a well-formed JWT",
+                    ),
+                    ErrorKind::InvalidIssuer => (
+                        Reason::UnauthenticatedTokenInvalid,
+                        "the bearer token's issuer is not accepted",
+                    ),
+                    ErrorKind::InvalidAudience => (
+                        Reason::UnauthenticatedTokenInvalid,
+                        "the bearer token is not meant for this service (aud)",
+                    ),
+                    ErrorKind::MissingRequiredClaim(_) => (
+                        Reason::UnauthenticatedTokenInvalid,
+                        "the bearer token lacks a required claim (exp, nbf, iss, aud)",
+                    ),
+                    _ => (
+                        Reason::UnauthenticatedTokenInvalid,
+                        "the bearer token's signature or algorithm is not accepted",
+                    ),
+                };
+                unauthenticated(reason, message)
+            })
+    }
+}
+
+fn read_key(key: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
+    fs::read(path).map_err(|err| key_error(key, path, err))
+}
+
+fn key_error(key: &'static str, path: &Path, reason: impl std::fmt::Display) -> AuthError {
+    AuthError::KeyFile {
+        key,
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    policy: Arc<AuthPolicy>,
+}
+
+impl AuthLayer {
+    pub fn new(policy: AuthPolicy) -> Self {
+        Self {
+            policy: Arc::new(policy),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            inner,
+            policy: Arc::clone(&self.policy),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+    policy: Arc<AuthPolicy>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Authenticate<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<ResponseFuture<S::Future>, Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        match self.policy.check(request.uri().path(), request.headers()) {
+            Ok(subject) => {
+                if let Some(subject) = &subject {
+                    request.extensions_mut().insert(subject.clone());
+                }
+                Either::Left(ResponseFuture {
+                    inner: self.inner.call(request),
+                    subject,
+                })
+            }
+            Err(refusal) => Either::Right(ready(Ok(refusal.into_http()))),
+        }
+    }
+}
+
+pin_project! {
+    /// Puts the subject on the response too, where the access log, outside this layer, finds it.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        subject: Option<Subject>,
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(subject) = this.subject.take() {
+            response.extensions_mut().insert(subject);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header() {
+        let mut headers = http::HeaderMap::new();
+        fn code(headers: &http::HeaderMap) -> Result<String, Code> {
+            bearer_token(headers)
+                .map(str::to_owned)
+                .map_err(|status| status.code())
+        }
+        assert_eq!(code(&headers), Err(Code::Unauthenticated));
+        headers.insert(
+            "authorization",
+            "Bearer abc.def.ghi".parse().expect("value"),
+        );
+        assert_eq!(code(&headers).as_deref(), Ok("abc.def.ghi"));
+        headers.insert("authorization", "bearer  xyz".parse().expect("value"));
+        assert_eq!(code(&headers).as_deref(), Ok("xyz"));
+        for bad in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "token"] {
+            headers.insert("authorization", bad.parse().expect("value"));
+            assert_eq!(code(&headers), Err(Code::Unauthenticated), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_are_space_separated() {
+        let claims = Claims {
+            sub: None,
+            scope: "orders.read  orders.write".to_owned(),
+        };
+        assert!(claims.has_scope("orders.write"));
+        assert!(!claims.has_scope("orders"));
+    }
+}

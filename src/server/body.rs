@@ -1,0 +1,65 @@
+//! Response-body pieces the layers share.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::Status;
+
+pin_project! {
+    /// A response body that keeps `guard` alive until the body is dropped, i.e. until the last
+    /// message of a stream is sent or the call is abandoned, not merely until the handler returns.
+    pub struct GuardedBody<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> GuardedBody<B, G> {
+    pub fn new(inner: B, guard: Option<G>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B: Default, G> Default for GuardedBody<B, G> {
+    fn default() -> Self {
+        Self::new(B::default(), None)
+    }
+}
+
+impl<B: Body, G> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The trailers that end a call with `status`.
+pub fn status_trailers(status: &Status) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    // Only a status whose message or details cannot become header values fails, and ours all can;
+    // should one ever fail, the bare code still ends the call.
+    if status.add_header(&mut trailers).is_err() {
+        trailers.insert("grpc-status", (status.code() as i32).into());
+    }
+    trailers
+}

@@ -1,0 +1,115 @@
+//! Load shedding: at most `server.max_in_flight` calls run server-wide; one more is refused at once
+//! with RESOURCE_EXHAUSTED (clients retry it elsewhere) instead of waiting in a queue without bound.
+//!
+//! Written by hand because tower's `ConcurrencyLimit` releases its permit when the response headers
+//! are ready, so a stream would stop counting while it is still sending, and it queues rather than
+//! refuses. Here the permit lives in the response body until the stream's last message.
+//! Health checks are never refused: probes must keep answering while the server is busy.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::{Either, Ready, ready};
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Code;
+use tower::{Layer, Service};
+
+use super::body::GuardedBody;
+use crate::status::{self, Reason};
+
+/// Paths never refused for load: the health service's.
+const EXEMPT_PREFIX: &str = "/grpc.health.v1.Health/";
+
+#[derive(Debug, Clone)]
+pub struct InFlightLimitLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl InFlightLimitLayer {
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+}
+
+impl<S> Layer<S> for InFlightLimitLayer {
+    type Service = InFlightLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlightLimit {
+            inner,
+            permits: Arc::clone(&self.permits),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InFlightLimit<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+type Response<B> = http::Response<GuardedBody<B, OwnedSemaphorePermit>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for InFlightLimit<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Either<ResponseFuture<S::Future>, Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let permit = if request.uri().path().starts_with(EXEMPT_PREFIX) {
+            None
+        } else {
+            match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let refusal = status::error(
+                        Code::ResourceExhausted,
+                        Reason::Overloaded,
+                        "the server is at its limit of calls in progress; retry later",
+                    );
+                    return Either::Right(ready(Ok(refusal.into_http())));
+                }
+            }
+        };
+        Either::Left(ResponseFuture {
+            inner: self.inner.call(request),
+            permit,
+        })
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let permit = this.permit.take();
+        Poll::Ready(Ok(response.map(|body| GuardedBody::new(body, permit))))
+    }
+}
