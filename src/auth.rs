@@ -59,6 +59,8 @@ impl Subject {
 enum Access {
     Public,
     Scope(&'static str),
+    /// Served, but neither public nor given a scope: nobody may call it (fail closed).
+    Undeclared,
 }
 
 /// Who may call what, resolved once at start-up.
@@ -69,8 +71,9 @@ pub struct AuthPolicy {
 
 impl AuthPolicy {
     /// Builds the policy for the served `methods`; `scopes` names the scope each method of the API
-    /// needs, by `package.Service/Method`. Fails on an unreadable key, a public method that is not
-    /// served, or a served API method with no scope (it would be unreachable).
+    /// needs, by `package.Service/Method`. A served method that is neither public nor scoped is
+    /// refused to every caller, so a method added without a scope is closed, not open. Fails on an
+    /// unreadable key, or on a public method or scope naming a method that is not served.
     pub fn new(
         settings: &AuthSettings,
         methods: &[Method],
@@ -112,7 +115,7 @@ impl AuthPolicy {
             {
                 Access::Scope(scope)
             } else {
-                continue;
+                Access::Undeclared
             };
             access.insert(method.path(), rule);
         }
@@ -140,7 +143,12 @@ impl AuthPolicy {
                 Reason::PermissionDenied,
                 format!("this method needs the {scope:?} scope"),
             )),
-            // A method missing from the table is one the server does not serve: the router answers.
+            Some(Access::Undeclared) => Err(status::error(
+                Code::PermissionDenied,
+                Reason::PermissionDenied,
+                "no scope grants this method",
+            )),
+            // A path missing from the table is one the server does not serve: the router answers.
             _ => Ok(Some(Subject(claims.sub.unwrap_or_default().into()))),
         }
     }
@@ -399,6 +407,41 @@ mod tests {
             headers.insert("authorization", bad.parse().expect("value"));
             assert_eq!(code(&headers), Err(Code::Unauthenticated), "{bad}");
         }
+    }
+
+    fn policy(scopes: &[(String, &'static str)]) -> AuthPolicy {
+        let dir = std::env::temp_dir().join(format!("auth-test-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&dir, b"secret").expect("write secret");
+        let settings = AuthSettings {
+            mode: AuthMode::Jwt,
+            jwt_secret_file: Some(dir.clone()),
+            issuer: "iss".to_owned(),
+            audience: "aud".to_owned(),
+            ..AuthSettings::default()
+        };
+        let built = AuthPolicy::new(&settings, &crate::api::served_methods(), scopes);
+        let _ = std::fs::remove_file(dir);
+        built.unwrap_or_else(|err| panic!("policy: {err}"))
+    }
+
+    #[test]
+    fn a_served_method_without_a_scope_is_closed_to_everyone() {
+        let service = crate::health::ORDER_SERVICE_NAME;
+        let mut scopes = crate::service::method_scopes();
+        scopes.retain(|(name, _)| !name.ends_with("/GetOrder"));
+        let policy = policy(&scopes);
+        assert_eq!(
+            policy.access.get(&format!("/{service}/GetOrder")),
+            Some(&Access::Undeclared)
+        );
+        assert_eq!(
+            policy.access.get("/grpc.health.v1.Health/Check"),
+            Some(&Access::Public)
+        );
+        assert_eq!(
+            policy.access.get(&format!("/{service}/CreateOrder")),
+            Some(&Access::Scope("orders.write"))
+        );
     }
 
     #[test]

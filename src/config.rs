@@ -18,7 +18,7 @@ use std::{
 
 use figment::{
     Figment,
-    providers::{Env, Format, Toml},
+    providers::{Env, Format, Serialized, Toml},
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -495,7 +495,10 @@ impl Settings {
 
     fn figment(config_file: Option<&Path>) -> Figment {
         let config_dir = Path::new(CONFIG_DIR);
-        let mut figment = Figment::new().merge(Toml::file(config_dir.join("default.toml")));
+        // The built-in defaults are a layer of their own, so that a file adding one entry to a table
+        // (a method's timeout, say) adds to the built-in entries instead of replacing them all.
+        let mut figment = Figment::from(Serialized::defaults(Self::default()))
+            .merge(Toml::file(config_dir.join("default.toml")));
         if let Some(app_env) = std::env::var("APP_ENV").ok().filter(|env| !env.is_empty()) {
             figment = figment.merge(Toml::file(config_dir.join(format!("{app_env}.toml"))));
         }

@@ -98,6 +98,17 @@ pub fn error(code: Code, reason: Reason, message: impl Into<String>) -> Status {
     Status::with_error_details(code, message, error_info(reason, HashMap::new()))
 }
 
+/// INTERNAL for a call that panicked; what the panic said is logged here, never sent.
+pub fn panicked(panic: &(dyn std::any::Any + Send)) -> Status {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(panic = message, "a call panicked; answered INTERNAL");
+    error(Code::Internal, Reason::Internal, "internal error")
+}
+
 /// RESOURCE_EXHAUSTED for a client over its rate, with the wait as `RetryInfo` and in the
 /// `grpc-retry-pushback-ms` trailer that gRPC retry policies honour.
 pub fn rate_limited(retry_after: Duration) -> Status {

@@ -18,11 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 use tower::{Layer, Service};
 
-use super::body::GuardedBody;
+use super::{body::GuardedBody, is_health_check};
 use crate::status::{self, Reason};
-
-/// Paths never refused for load: the health service's.
-const EXEMPT_PREFIX: &str = "/grpc.health.v1.Health/";
 
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {
@@ -70,7 +67,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let permit = if request.uri().path().starts_with(EXEMPT_PREFIX) {
+        let permit = if is_health_check(request.uri().path()) {
             None
         } else {
             match Arc::clone(&self.permits).try_acquire_owned() {

@@ -45,6 +45,12 @@ use crate::{
     tls::{ServerTls, TlsError},
 };
 
+/// Whether a call is to the health service, which load shedding and rate limits never refuse:
+/// probes must keep answering while the server is busy, or orchestrators restart a busy pod.
+fn is_health_check(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
 /// Every call's path through the server, outermost first: the access log sees the final status of
 /// everything below it; load shedding refuses before any work; the deadline bounds authentication and
 /// the handler alike; the rate limit keys on the authenticated caller; panics become INTERNAL; and

@@ -3,10 +3,11 @@
 //! by the panic hook that `telemetry::init` installs; the client sees only "internal error".
 //!
 //! Written by hand because tower-http's `CatchPanicLayer` catches panics in the response future only,
-//! and a panicking stream would otherwise end the call with no status at all.
+//! and a panicking stream would otherwise end the call with no status at all. The service also
+//! guards its own response streams (`service::guarded`), so that the messages a stream produced
+//! before panicking are still sent; this layer is the backstop for every other body.
 
 use std::{
-    any::Any,
     panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
     task::{Context, Poll},
@@ -14,11 +15,10 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
-use crate::status::{self, Reason};
+use crate::status;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PanicGuardLayer;
@@ -55,16 +55,6 @@ where
     }
 }
 
-fn internal(panic: &(dyn Any + Send)) -> Status {
-    let message = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)");
-    tracing::error!(panic = message, "a call panicked; answered INTERNAL");
-    status::error(Code::Internal, Reason::Internal, "internal error")
-}
-
 pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
@@ -86,7 +76,9 @@ where
                 response.map(|response| response.map(|body| GuardedStream { inner: Some(body) })),
             ),
             Err(panic) => {
-                let (parts, ()) = internal(panic.as_ref()).into_http::<()>().into_parts();
+                let (parts, ()) = status::panicked(panic.as_ref())
+                    .into_http::<()>()
+                    .into_parts();
                 Poll::Ready(Ok(http::Response::from_parts(
                     parts,
                     GuardedStream::default(),
@@ -126,7 +118,7 @@ impl<B: Body> Body for GuardedStream<B> {
             Ok(frame) => frame,
             Err(panic) => {
                 // The stream is unusable after a panic: drop it, then end the call.
-                let status = internal(panic.as_ref());
+                let status = status::panicked(panic.as_ref());
                 this.inner.set(None);
                 Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))))
             }

@@ -3,6 +3,8 @@
 //! A call over the rate is refused with RESOURCE_EXHAUSTED, a `RetryInfo` detail and the
 //! `grpc-retry-pushback-ms` trailer, which gRPC clients with a retry policy honour.
 //!
+//! Health checks are never limited: probes from one node must not use up the node's bucket.
+//!
 //! Buckets that have refilled are forgotten every `PRUNE_EVERY` calls, so memory follows the number
 //! of recently active clients, not every client ever seen.
 
@@ -20,7 +22,7 @@ use futures::future::{Either, Ready, ready};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tower::{Layer, Service};
 
-use super::connection::Peer;
+use super::{connection::Peer, is_health_check};
 use crate::{auth::Subject, config::RateLimitSettings, status};
 
 const PRUNE_EVERY: u64 = 1024;
@@ -90,7 +92,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        if let Some(buckets) = &self.buckets {
+        if let Some(buckets) = &self.buckets
+            && !is_health_check(request.uri().path())
+        {
             let key = client_key(request.extensions());
             if let Err(not_until) = buckets.limiter.check_key(&key) {
                 let wait = not_until.wait_time_from(buckets.limiter.clock().now());

@@ -76,6 +76,17 @@ impl OrderApi {
 
 type ResponseStream<T> = BoxStream<'static, Result<T, Status>>;
 
+/// A response stream whose panic ends the call with INTERNAL after the messages it already produced
+/// (tonic buffers a few before sending, so a panic caught further out would lose them).
+fn guarded<T: Send + 'static>(
+    stream: impl futures::Stream<Item = Result<T, Status>> + Send + 'static,
+) -> ResponseStream<T> {
+    std::panic::AssertUnwindSafe(stream)
+        .catch_unwind()
+        .map(|item| item.unwrap_or_else(|panic| Err(crate::status::panicked(panic.as_ref()))))
+        .boxed()
+}
+
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     async fn create_order(
@@ -152,7 +163,7 @@ impl OrderService for OrderApi {
                 order: Some(order?.into()),
             })
         });
-        Ok(Response::new(matches.boxed()))
+        Ok(Response::new(guarded(matches)))
     }
 
     async fn update_orders(
@@ -202,7 +213,7 @@ impl OrderService for OrderApi {
         let mut requests = request.into_inner();
         let store = Arc::clone(&self.store);
         let mut batches = ShipmentBatches::new(self.shipment_batch_size);
-        let shipments: Self::ProcessOrdersStream = Box::pin(async_stream::try_stream! {
+        let shipments = guarded(async_stream::try_stream! {
             while let Some(request) = requests.message().await? {
                 let id = convert::order_id("order_id", &request.order_id).map_err(Error::from)?;
                 let order = store.get(id).await?;

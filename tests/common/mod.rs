@@ -99,7 +99,16 @@ impl TestApp {
         backend: Backend,
         wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
     ) -> Option<Self> {
-        let app = Self::start_wrapping(backend, |_| {}, true, wrap).await?;
+        Self::spawn_wrapping_with(backend, |_| {}, wrap).await
+    }
+
+    /// `spawn_wrapping` with settings changed by `configure` first.
+    pub async fn spawn_wrapping_with(
+        backend: Backend,
+        configure: impl FnOnce(&mut Settings),
+        wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
+    ) -> Option<Self> {
+        let app = Self::start_wrapping(backend, configure, true, wrap).await?;
         app.wait_for_status("", ServingStatus::Serving).await;
         Some(app)
     }
@@ -162,6 +171,26 @@ impl TestApp {
         }
     }
 
+    /// An OrderService client on a connection of its own that, unlike tonic's `Channel`, does not
+    /// enforce `grpc-timeout` itself, so the test sees what the server answers when a deadline passes.
+    pub async fn orders_without_client_deadlines(&self) -> OrderServiceClient<RawHttp2> {
+        let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+        self.connections
+            .send(Ok(server_end))
+            .expect("the test server runs");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(client_end),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        OrderServiceClient::with_origin(
+            RawHttp2(sender),
+            http::Uri::from_static("http://in-memory.test"),
+        )
+    }
+
     /// A new in-memory channel to the server, with client settings (HTTP/2 windows, say) chosen by
     /// `configure`.
     pub async fn channel_with(&self, configure: impl FnOnce(Endpoint) -> Endpoint) -> Channel {
@@ -203,6 +232,20 @@ impl TestApp {
             .await?
             .into_inner()
             .status())
+    }
+
+    /// Options that connect to this app's PostgreSQL schema, for a test's own session beside the
+    /// service's; `None` on SQLite.
+    #[cfg(feature = "postgres")]
+    pub fn postgres_options(&self) -> Option<sqlx::postgres::PgConnectOptions> {
+        match &self._database {
+            TestDatabase::Postgres { url, schema } => Some(
+                sqlx::postgres::PgConnectOptions::from_str(url)
+                    .expect("valid TEST_POSTGRES_URL")
+                    .options([("search_path", schema.as_str())]),
+            ),
+            TestDatabase::Ephemeral => None,
+        }
     }
 
     /// Signals shutdown and waits for the server to finish.
@@ -268,6 +311,216 @@ impl TestApp {
             }
             page_token = page.next_page_token;
         }
+    }
+}
+
+/// A bare HTTP/2 client connection as a tower service, for `tonic`'s generated clients.
+#[derive(Clone)]
+pub struct RawHttp2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for RawHttp2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// The server on a real loopback socket (127.0.0.1, a free port), for what only a socket shows: TLS,
+/// HTTP/2 connection behaviour, raw bytes. It serves an in-memory SQLite database.
+pub struct TcpServer {
+    pub addr: std::net::SocketAddr,
+    pub tls: Option<Arc<app::tls::ServerTls>>,
+    pub store: Arc<dyn OrderStore>,
+    stop: CancellationToken,
+    server: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TcpServer {
+    pub async fn start(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_wrapping(configure, |store| store).await
+    }
+
+    pub async fn start_wrapping(
+        configure: impl FnOnce(&mut Settings),
+        wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
+    ) -> Self {
+        let mut settings = test_settings();
+        configure(&mut settings);
+        let (store, _) = TestDatabase::create(Backend::Sqlite, &settings)
+            .await
+            .expect("SQLite needs no configuration");
+        store.migrate().await.expect("migrations apply");
+        let store = wrap(store);
+        let application = Application::with_store(Arc::clone(&store), &settings)
+            .await
+            .expect("application builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let tls = application.tls();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(application.serve_with_incoming(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        ));
+        Self {
+            addr,
+            tls,
+            store,
+            stop,
+            server: Some(server),
+        }
+    }
+
+    pub fn plaintext_endpoint(&self) -> Endpoint {
+        Endpoint::from_shared(format!("http://{}", self.addr)).expect("valid URI")
+    }
+
+    /// An endpoint that speaks TLS to the server as `localhost`, trusting `ca_pem`, and presenting
+    /// `identity` (certificate and key PEM) when given.
+    pub fn tls_endpoint(&self, ca_pem: &str, identity: Option<(&str, &str)>) -> Endpoint {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .domain_name("localhost")
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        Endpoint::from_shared(format!("https://localhost:{}", self.addr.port()))
+            .expect("valid URI")
+            .tls_config(tls)
+            .expect("valid TLS configuration")
+    }
+
+    /// Connects `endpoint` to this server's loopback address, whatever host its URI names.
+    pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
+        let addr = self.addr;
+        endpoint
+            .connect_timeout(Duration::from_secs(10))
+            .connect_with_connector(tower::service_fn(move |_| async move {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }))
+            .await
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task does not panic")
+                .expect("server stops cleanly");
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A GetOrder for an order that does not exist: NOT_FOUND proves the call reached the handler.
+pub async fn probe(channel: Channel) -> Result<(), tonic::Status> {
+    let status = OrderServiceClient::new(channel)
+        .get_order(api::GetOrderRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .expect_err("no such order");
+    if status.code() == tonic::Code::NotFound {
+        Ok(())
+    } else {
+        Err(status)
+    }
+}
+
+/// The `ErrorInfo.reason` of `status`, checking its domain on the way.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, app::status::ERROR_DOMAIN);
+    info.reason.clone()
+}
+
+/// Log lines the tests' process writes, as JSON, to search for what a test caused.
+pub mod logs {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    static LINES: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+    /// Starts capturing (once per test binary) every log line at DEBUG and above.
+    pub fn capture() {
+        LINES.get_or_init(|| {
+            let buffer = Arc::new(Mutex::new(Vec::new()));
+            let writer = {
+                let buffer = Arc::clone(&buffer);
+                move || Writer(Arc::clone(&buffer))
+            };
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(writer)
+                .try_init();
+            buffer
+        });
+    }
+
+    /// The captured lines for which `matches` holds.
+    pub fn find(matches: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let Some(buffer) = LINES.get() else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&buffer.lock().expect("log buffer")).into_owned();
+        text.lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|line| matches(line))
+            .collect()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, and fails the test after `limit`.
+pub async fn eventually<F: Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
