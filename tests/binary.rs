@@ -48,6 +48,8 @@ fn command(dir: &Path) -> Command {
 struct RunningServer {
     child: Child,
     addr: String,
+    /// What the server logged before it started serving.
+    startup: Vec<serde_json::Value>,
     log: Lines<BufReader<ChildStdout>>,
 }
 
@@ -62,6 +64,7 @@ impl RunningServer {
             .expect("binary starts");
         let mut log = BufReader::new(child.stdout.take().expect("stdout")).lines();
         // The port is chosen by the OS; the server logs the address it bound.
+        let mut startup = Vec::new();
         let addr = loop {
             let line = log
                 .next_line()
@@ -72,8 +75,14 @@ impl RunningServer {
             if entry["message"] == "serving gRPC" {
                 break entry["addr"].as_str().expect("addr field").to_owned();
             }
+            startup.push(entry);
         };
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            startup,
+            log,
+        }
     }
 
     async fn channel(&self) -> Channel {
@@ -123,6 +132,14 @@ impl RunningServer {
 async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm_or_sigint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = RunningServer::start(dir.path()).await;
+    assert!(
+        server.startup.iter().any(|entry| entry["level"] == "WARN"
+            && entry["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("TLS is off"))),
+        "plaintext is announced at start-up: {:?}",
+        server.startup
+    );
     server.wait_until_serving().await;
 
     let mut orders = OrderServiceClient::new(server.channel().await);

@@ -202,3 +202,77 @@ fn printed_configuration_redacts_the_database_password() {
         Ok(())
     });
 }
+
+#[test]
+fn a_timeout_added_in_a_file_joins_the_built_in_ones() {
+    let service = app::health::ORDER_SERVICE_NAME;
+    Jail::expect_with(|jail| {
+        jail.create_dir("config")?;
+        jail.create_file(
+            "config/default.toml",
+            &format!("[server.timeouts.methods]\n\"{service}/GetOrder\" = \"2s\"\n"),
+        )?;
+        let timeouts = load(None)?.server.timeouts;
+        assert_eq!(
+            timeouts.methods.get(&format!("{service}/GetOrder")),
+            Some(&Duration::from_secs(2))
+        );
+        // The built-in entries are still there.
+        assert_eq!(
+            timeouts.methods.get(&format!("{service}/SearchOrders")),
+            Some(&Duration::from_secs(60))
+        );
+        assert_eq!(
+            timeouts.methods.get("grpc.health.v1.Health/Watch"),
+            Some(&Duration::ZERO)
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn settings_that_only_work_together_fail_naming_both_keys() {
+    Jail::expect_with(|jail| {
+        jail.set_env("APP_TLS__CERT_FILE", "/etc/tls/tls.crt");
+        let message = error_text(Settings::load(None));
+        assert!(
+            message.contains("tls.cert_file") && message.contains("tls.key_file"),
+            "{message}"
+        );
+        jail.clear_env();
+        jail.set_env("APP_AUTH__MODE", "jwt");
+        let message = error_text(Settings::load(None));
+        assert!(message.contains("auth.jwt_secret_file"), "{message}");
+        Ok(())
+    });
+}
+
+#[test]
+fn printed_configuration_shows_key_file_paths_and_never_their_contents() {
+    Jail::expect_with(|jail| {
+        jail.create_file("jwt-secret", "hunter2-very-secret")?;
+        jail.set_env("APP_AUTH__MODE", "jwt");
+        jail.set_env("APP_AUTH__JWT_SECRET_FILE", "jwt-secret");
+        jail.set_env("APP_AUTH__ISSUER", "dev");
+        jail.set_env("APP_AUTH__AUDIENCE", "orders");
+        let printed = load(None)?
+            .to_redacted_toml()
+            .map_err(|err| err.to_string())?;
+        assert!(
+            printed.contains("jwt_secret_file = \"jwt-secret\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_readme_lists_every_error_reason() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    for reason in app::status::Reason::NAMED {
+        let name = format!("`{}`", reason.as_str());
+        assert!(readme.contains(&name), "README.md does not list {name}");
+    }
+}

@@ -325,6 +325,29 @@ async fn the_reload_timer_picks_up_a_rotation_by_itself() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_handshake_is_dropped_and_others_are_served() {
+    let ca = TestCa::new("CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let server = TcpServer::start(|s| {
+        files.configure(s, false);
+        s.tls.handshake_timeout = Duration::from_millis(200);
+    })
+    .await;
+    // Connects and says nothing: its handshake runs in a task of its own, so the accept loop goes
+    // on, and the timeout closes it.
+    let mut silent = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    assert!(served(&server, server.tls_endpoint(&ca.pem(), None)).await);
+    let mut buffer = Vec::new();
+    tokio::time::timeout(LIMIT, silent.read_to_end(&mut buffer))
+        .await
+        .expect("closed after the handshake timeout")
+        .ok();
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_tls_settings_stop_start_up_naming_the_key_and_path() {
     let ca = TestCa::new("CA");
@@ -1299,6 +1322,7 @@ async fn an_idle_connection_is_sent_goaway() {
         .await
         .expect("within the limit");
     assert!(goaway, "GOAWAY before the connection closed");
+    drop(stream); // A real client hangs up after GOAWAY; this one would keep shutdown waiting.
     server.shutdown().await;
 }
 
@@ -1333,5 +1357,6 @@ async fn quiet_connections_are_pinged() {
         .await
         .expect("within the limit");
     assert!(pinged, "a keepalive PING");
+    drop(stream);
     server.shutdown().await;
 }

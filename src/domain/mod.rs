@@ -412,4 +412,41 @@ mod tests {
         assert_eq!(fields(&outer), ["order.items[0]"]);
         assert_eq!(outer.to_string(), "order.items[0]: bad");
     }
+
+    proptest::proptest! {
+        /// Any input parses into details that keep every rule, or is refused with violations that
+        /// each name a field; nothing panics, whatever the text holds.
+        #[test]
+        fn any_order_input_parses_or_names_each_violation(
+            items in proptest::collection::vec(proptest::prelude::any::<String>(), 0..110),
+            description in proptest::prelude::any::<String>(),
+            price_cents in proptest::prelude::any::<i64>(),
+            destination in proptest::prelude::any::<String>(),
+        ) {
+            let input = OrderDetailsInput { items, description, price_cents, destination };
+            match OrderDetails::parse(input) {
+                Ok(details) => {
+                    proptest::prop_assert!((1..=MAX_ITEMS).contains(&details.items().len()));
+                    proptest::prop_assert!(details.price_cents() >= 0);
+                    proptest::prop_assert!(!details.destination().is_empty());
+                    proptest::prop_assert!(!details.description().contains('\0'));
+                }
+                Err(violations) => {
+                    proptest::prop_assert!(!violations.is_empty());
+                    for violation in violations.iter() {
+                        let field = violation.field.split('[').next().unwrap_or_default();
+                        proptest::prop_assert!(
+                            ["items", "description", "price_cents", "destination"].contains(&field),
+                            "{}", violation.field
+                        );
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_request_id_parses_or_is_refused(input in proptest::prelude::any::<String>()) {
+            let _ = RequestId::parse(input);
+        }
+    }
 }

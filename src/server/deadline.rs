@@ -362,4 +362,33 @@ mod tests {
         let err = TimeoutTable::new(&settings, &served_methods()).expect_err("typo");
         assert!(err.contains("GetOrders"), "{err}");
     }
+
+    #[tokio::test]
+    async fn handlers_read_their_deadline_from_the_request() {
+        use std::sync::{Arc, Mutex};
+
+        use tower::ServiceExt;
+
+        let table = TimeoutTable::new(&TimeoutSettings::default(), &served_methods())
+            .expect("defaults name served methods");
+        let seen = Arc::new(Mutex::new(None));
+        let handler = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |request: http::Request<()>| {
+                let deadline = request.extensions().get::<Deadline>().copied();
+                *seen.lock().expect("lock") = deadline.map(Deadline::remaining);
+                std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+            })
+        };
+        let service = DeadlineLayer::new(table).layer(handler);
+        // The client allows 2 s; the server's own limit for an unknown path is the 30 s default.
+        let request = http::Request::post("/no.such.Service/Call")
+            .header("grpc-timeout", "2S")
+            .body(())
+            .expect("request");
+        service.oneshot(request).await.expect("response");
+        let remaining = seen.lock().expect("lock").expect("a deadline");
+        assert!(remaining <= Duration::from_secs(2), "{remaining:?}");
+        assert!(remaining > Duration::ZERO, "{remaining:?}");
+    }
 }

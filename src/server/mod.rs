@@ -260,7 +260,9 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
     let application = Application::build(settings).await?;
-    warn_about_exposure(settings, local_addr);
+    for warning in exposure_warnings(settings, local_addr) {
+        tracing::warn!(addr = %local_addr, "{warning}");
+    }
     tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
         accepted.inspect(|stream| {
@@ -275,19 +277,41 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         .await
 }
 
-/// One warning per risk that the configuration leaves open, at start-up.
-fn warn_about_exposure(settings: &Settings, addr: SocketAddr) {
+/// One warning per risk that the configuration leaves open, logged at start-up.
+fn exposure_warnings(settings: &Settings, addr: SocketAddr) -> Vec<&'static str> {
+    let mut warnings = Vec::new();
     if settings.tls.cert_file.is_none() {
-        tracing::warn!(
+        warnings.push(
             "TLS is off (tls.cert_file is not set): calls, tokens and data cross the network in \
-             plaintext; use it only for local development or behind a mesh that encrypts"
+             plaintext; use it only for local development or behind a mesh that encrypts",
         );
     }
     if settings.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
+        warnings.push(
             "authentication is off (auth.mode = \"none\") on a non-loopback address: anyone who \
-             can reach the port can read and change orders"
+             can reach the port can read and change orders",
         );
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_warns_about_plaintext_and_about_no_auth_beyond_loopback() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 50051));
+        let everywhere = SocketAddr::from(([0, 0, 0, 0], 50051));
+        let mut settings = Settings::default();
+        assert_eq!(exposure_warnings(&settings, loopback).len(), 1);
+        assert_eq!(exposure_warnings(&settings, everywhere).len(), 2);
+        settings.tls.cert_file = Some("tls.crt".into());
+        settings.tls.key_file = Some("tls.key".into());
+        assert!(exposure_warnings(&settings, loopback).is_empty());
+        let warnings = exposure_warnings(&settings, everywhere);
+        assert!(warnings[0].contains("auth.mode"), "{warnings:?}");
+        settings.auth.mode = AuthMode::Jwt;
+        assert!(exposure_warnings(&settings, everywhere).is_empty());
     }
 }

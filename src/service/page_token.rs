@@ -49,4 +49,25 @@ mod tests {
         let negative = [&[VERSION][..], &(-5i64).to_be_bytes()].concat();
         assert_eq!(decode(&URL_SAFE_NO_PAD.encode(negative)), None);
     }
+
+    proptest::proptest! {
+        /// Whatever a client sends as a token, decoding answers; and every issued token round-trips.
+        #[test]
+        fn any_token_decodes_or_is_refused_without_panicking(token in proptest::prelude::any::<String>()) {
+            let _ = decode(&token);
+        }
+
+        #[test]
+        fn any_bytes_as_base64_decode_or_are_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16)) {
+            if let Some(cursor) = decode(&URL_SAFE_NO_PAD.encode(&bytes)) {
+                proptest::prop_assert!(cursor.position() > 0);
+            }
+        }
+
+        #[test]
+        fn issued_tokens_round_trip(position in 1..=i64::MAX) {
+            let cursor = PageCursor::new(position);
+            proptest::prop_assert_eq!(decode(&encode(cursor)), Some(cursor));
+        }
+    }
 }
