@@ -278,6 +278,32 @@ async fn a_rotation_serves_new_connections_while_open_ones_keep_working() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_decides_new_connections() {
+    let ca = TestCa::new("CA");
+    let files = TlsFiles::new(&ca.server(), Some(&ca.pem()));
+    let server = TcpServer::start(|s| files.configure(s, true)).await;
+    let tls = server.tls.clone().expect("TLS is on");
+    let old_client = ca.client("old");
+    let new_ca = TestCa::new("New client CA");
+    let new_client = new_ca.client("new");
+    let endpoint = |client: &Pem| server.tls_endpoint(&ca.pem(), Some((&client.cert, &client.key)));
+
+    assert!(served(&server, endpoint(&old_client)).await);
+    assert!(!served(&server, endpoint(&new_client)).await);
+    std::fs::write(files.path("ca.pem"), new_ca.pem()).expect("write client CA");
+    assert!(matches!(tls.reload(), Reload::Applied));
+    assert!(
+        served(&server, endpoint(&new_client)).await,
+        "the new CA's clients"
+    );
+    assert!(
+        !served(&server, endpoint(&old_client)).await,
+        "no longer the old CA's"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_rotation_keeps_the_old_certificate_in_service() {
     let ca = TestCa::new("CA");
     let served_pem = ca.server();
@@ -1016,6 +1042,43 @@ async fn an_unfinished_client_stream_applies_nothing_when_its_deadline_passes() 
         app.get(&created.id).await.expect("get").destination,
         "Oslo",
         "nothing from the unfinished stream is applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bidi_stream_is_cut_when_its_deadline_passes() {
+    let service = app::health::ORDER_SERVICE_NAME;
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.server.timeouts.methods.insert(
+            format!("{service}/ProcessOrders"),
+            Duration::from_millis(300),
+        );
+    })
+    .await
+    .expect("SQLite app");
+    let created = app.create_for("Oslo").await;
+    let (requests, messages) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(api::ProcessOrdersRequest {
+            order_id: created.id.clone(),
+        })
+        .await
+        .expect("queue request");
+    // One order of a batch of three, and the client never half-closes: nothing ships by itself.
+    let mut shipments = app
+        .orders
+        .clone()
+        .process_orders(tokio_stream::wrappers::ReceiverStream::new(messages))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let status = shipments.message().await.expect_err("cut at the deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    drop(requests);
+    assert_eq!(
+        app.get(&created.id).await.expect("get").status(),
+        api::OrderStatus::Pending,
+        "nothing shipped"
     );
 }
 

@@ -121,3 +121,39 @@ fn client_key(extensions: &http::Extensions) -> ClientKey {
         None => ClientKey::Unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn buckets_of_clients_gone_quiet_are_forgotten() {
+        let layer = RateLimitLayer::new(&RateLimitSettings {
+            per_second: 1_000_000,
+            burst: 1,
+        });
+        let buckets = Arc::clone(layer.buckets.as_ref().expect("limit on"));
+        let service = layer.layer(tower::service_fn(|_: http::Request<()>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+        }));
+        // 4 × PRUNE_EVERY clients, each calling once, from a different address.
+        for client in 0..4 * PRUNE_EVERY {
+            let mut request = http::Request::new(());
+            let ip = IpAddr::from(u32::try_from(client).expect("small").to_be_bytes());
+            request.extensions_mut().insert(Peer {
+                addr: Some(SocketAddr::new(ip, 1)),
+                identity: None,
+            });
+            service.clone().oneshot(request).await.expect("answered");
+        }
+        assert!(
+            buckets.limiter.len() < 2 * usize::try_from(PRUNE_EVERY).expect("small"),
+            "{} buckets kept",
+            buckets.limiter.len()
+        );
+    }
+}
