@@ -54,6 +54,12 @@ impl Subject {
     }
 }
 
+impl From<&str> for Subject {
+    fn from(subject: &str) -> Self {
+        Self(subject.into())
+    }
+}
+
 /// What a method needs from its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {

@@ -484,6 +484,19 @@ impl Settings {
                 return Err("auth.mode = \"jwt\" needs auth.issuer and auth.audience".to_owned());
             }
         }
+        let must_be_positive = [
+            ("tls.reload_interval", self.tls.reload_interval),
+            ("tls.handshake_timeout", self.tls.handshake_timeout),
+            ("server.preface_timeout", self.server.preface_timeout),
+            ("server.keepalive_timeout", self.server.keepalive_timeout),
+            (
+                "server.health_check_interval",
+                self.server.health_check_interval,
+            ),
+        ];
+        if let Some((key, _)) = must_be_positive.iter().find(|(_, value)| value.is_zero()) {
+            return Err(format!("{key} must be longer than 0s"));
+        }
         if self.server.max_message_bytes == 0 || self.server.max_concurrent_streams == 0 {
             return Err(
                 "server.max_message_bytes and server.max_concurrent_streams must be above 0"

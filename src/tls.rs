@@ -39,8 +39,6 @@ pub enum TlsError {
     },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("tls.client_ca_file: {0}")]
-    ClientCa(#[from] rustls::server::VerifierBuilderError),
 }
 
 /// The verified identity of a client that presented a certificate (mutual TLS): what its leaf
@@ -138,8 +136,9 @@ pub struct ServerTls {
     files: Files,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<ServerConfig>,
-    /// The file contents last tried, applied or not, so a bad set is reported once, not every tick.
-    last_read: Mutex<Contents>,
+    /// The file contents last tried, applied or not (`None`: the files could not be read), so a bad
+    /// set is reported once, not every tick.
+    last_read: Mutex<Option<Contents>>,
 }
 
 struct Files {
@@ -175,7 +174,7 @@ impl ServerTls {
             files,
             provider,
             current: ArcSwap::from_pointee(config),
-            last_read: Mutex::new(contents),
+            last_read: Mutex::new(Some(contents)),
         })))
     }
 
@@ -186,16 +185,18 @@ impl ServerTls {
 
     /// Re-reads the files and applies them if they changed and load.
     pub fn reload(&self) -> Reload {
-        let contents = match self.files.read() {
-            Ok(contents) => contents,
-            Err(err) => return Reload::Rejected(err),
-        };
         // A poisoned lock only means another reload panicked; the contents it guards are still whole.
         let mut last_read = self
             .last_read
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *last_read == contents {
+        let contents = match self.files.read() {
+            Ok(contents) => contents,
+            // Reported when the files first become unreadable, not again on every tick after.
+            Err(err) if last_read.take().is_some() => return Reload::Rejected(err),
+            Err(_) => return Reload::Unchanged,
+        };
+        if last_read.as_ref() == Some(&contents) {
             return Reload::Unchanged;
         }
         let outcome = match build(&self.files, &contents, &self.provider) {
@@ -205,7 +206,7 @@ impl ServerTls {
             }
             Err(err) => Reload::Rejected(err),
         };
-        *last_read = contents;
+        *last_read = Some(contents);
         outcome
     }
 
@@ -227,29 +228,57 @@ impl ServerTls {
         Ok((stream, identity))
     }
 
-    /// Reloads every `interval` and on SIGHUP until `stop` is cancelled, logging each change.
-    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut hangups = hangup_signals();
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await; // The first tick is now, and the files were just loaded.
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = ticks.tick() => {}
-                Some(()) = hangups.recv() => tracing::info!("SIGHUP: re-reading TLS files"),
+    fn reload_and_log(&self) {
+        match self.reload() {
+            Reload::Unchanged => {}
+            Reload::Applied => tracing::info!(
+                cert_file = %self.files.cert.display(),
+                "TLS certificate reloaded; new connections use it"
+            ),
+            Reload::Rejected(err) => tracing::warn!(
+                error = %err,
+                "TLS files changed but do not load; keeping the certificate in service"
+            ),
+        }
+    }
+}
+
+/// Reloads `tls` every `interval` and on SIGHUP until `stop` is cancelled, logging each change.
+/// Without TLS it still takes SIGHUP, which would otherwise end the process, and says so. SIGHUP is
+/// listened for from the moment this is called, not from the returned future's first poll.
+pub fn watch(
+    tls: Option<Arc<ServerTls>>,
+    interval: Duration,
+    stop: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let hangups = hangup_signals();
+    watch_with(tls, interval, stop, hangups)
+}
+
+async fn watch_with(
+    tls: Option<Arc<ServerTls>>,
+    interval: Duration,
+    stop: CancellationToken,
+    mut hangups: Hangups,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // The first tick is now, and the files were just loaded.
+    loop {
+        let hangup = tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => false,
+            Some(()) = hangups.recv() => true,
+        };
+        match &tls {
+            Some(tls) => {
+                if hangup {
+                    tracing::info!("SIGHUP: re-reading TLS files");
+                }
+                tls.reload_and_log();
             }
-            match self.reload() {
-                Reload::Unchanged => {}
-                Reload::Applied => tracing::info!(
-                    cert_file = %self.files.cert.display(),
-                    "TLS certificate reloaded; new connections use it"
-                ),
-                Reload::Rejected(err) => tracing::warn!(
-                    error = %err,
-                    "TLS files changed but do not load; keeping the certificate in service"
-                ),
-            }
+            None if hangup => tracing::info!("SIGHUP: nothing to reload (TLS is off)"),
+            None => {}
         }
     }
 }
@@ -343,7 +372,8 @@ fn build(
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
-                    .build()?;
+                    .build()
+                    .map_err(|err| file_error("tls.client_ca_file", path, err))?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),

@@ -293,3 +293,76 @@ async fn print_config_shows_the_merged_configuration_and_bad_configuration_fails
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("GRPC_ADDR"), "{stderr}");
 }
+
+/// Reads log lines until one whose message is `message`, failing after a minute or at the end.
+async fn wait_for_log(log: &mut Lines<BufReader<ChildStdout>>, message: &str) -> serde_json::Value {
+    let found = async {
+        while let Some(line) = log.next_line().await.expect("read log") {
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if entry["message"] == message {
+                return entry;
+            }
+        }
+        panic!("the log ended before {message:?}");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), found)
+        .await
+        .unwrap_or_else(|_| panic!("no {message:?} in the log within a minute"))
+}
+
+async fn send_signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .await
+        .expect("kill runs");
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certificate = |name: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    };
+    let write = |(cert, key): (String, String)| {
+        std::fs::write(dir.path().join("tls.crt"), cert).expect("write certificate");
+        std::fs::write(dir.path().join("tls.key"), key).expect("write key");
+    };
+    write(certificate("before"));
+
+    let mut child = command(dir.path())
+        .arg("serve")
+        .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
+        .env("APP_SERVER__HEALTH_CHECK_INTERVAL", "100ms")
+        .env("APP_TLS__CERT_FILE", "tls.crt")
+        .env("APP_TLS__KEY_FILE", "tls.key")
+        // Only SIGHUP can make this reload within the test.
+        .env("APP_TLS__RELOAD_INTERVAL", "1h")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut log = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    wait_for_log(&mut log, "health status changed").await;
+    write(certificate("after"));
+    send_signal(&child, "HUP").await;
+    wait_for_log(&mut log, "TLS certificate reloaded; new connections use it").await;
+    send_signal(&child, "TERM").await;
+    assert!(child.wait().await.expect("exit").success());
+
+    // Without TLS there is nothing to reload, and SIGHUP must not end the process.
+    let mut server = RunningServer::start(dir.path()).await;
+    server.wait_until_serving().await;
+    send_signal(&server.child, "HUP").await;
+    wait_for_log(&mut server.log, "SIGHUP: nothing to reload (TLS is off)").await;
+    let log = server.stop_with("TERM").await;
+    assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
+}

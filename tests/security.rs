@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use app::api::order_service_client::OrderServiceClient;
 use app::{
     api,
     config::{AuthMode, Settings},
@@ -329,7 +330,17 @@ async fn a_corrupt_rotation_keeps_the_old_certificate_in_service() {
     assert!(matches!(tls.reload(), Reload::Rejected(_)));
     std::fs::remove_file(files.path("cert.pem")).expect("remove");
     assert!(matches!(tls.reload(), Reload::Rejected(_)));
+    assert!(
+        matches!(tls.reload(), Reload::Unchanged),
+        "a missing file is reported once"
+    );
     assert!(served(&server, server.tls_endpoint(&ca.pem(), None)).await);
+
+    // A good set after the bad ones is applied.
+    let new_ca = TestCa::new("New CA");
+    files.write(&new_ca.server());
+    assert!(matches!(tls.reload(), Reload::Applied));
+    assert!(served(&server, server.tls_endpoint(&new_ca.pem(), None)).await);
     server.shutdown().await;
 }
 
@@ -689,11 +700,24 @@ struct Faults {
     release: Notify,
     gets_waiting: AtomicUsize,
     gets_dropped: AtomicUsize,
+    /// Searches whose row stream was dropped before it ended.
+    searches_dropped: Arc<AtomicUsize>,
 }
 
 struct Faulty {
     inner: Arc<dyn OrderStore>,
     faults: Arc<Faults>,
+}
+
+/// Counts a search whose rows were dropped before their end.
+struct SearchDropWatch(Arc<AtomicUsize>, bool);
+
+impl Drop for SearchDropWatch {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Counts a waiting `get` whose future was dropped before it finished.
@@ -739,7 +763,12 @@ impl OrderStore for Faulty {
     fn search(&self, query: &str) -> OrderStream {
         let stalls = self.faults.search_stalls.load(Ordering::SeqCst);
         let panics = self.faults.search_panics.load(Ordering::SeqCst);
-        let first = self.inner.search(query).take(1);
+        let rows = self.inner.search(query);
+        let rows = if stalls || panics {
+            rows.take(1).boxed()
+        } else {
+            rows
+        };
         let rest = futures::stream::once(async move {
             assert!(!panics, "injected panic in a stream");
             if stalls {
@@ -747,7 +776,16 @@ impl OrderStore for Faulty {
             }
         })
         .filter_map(|()| async { None });
-        first.chain(rest).boxed()
+        let watch = SearchDropWatch(Arc::clone(&self.faults.searches_dropped), false);
+        rows.chain(rest)
+            .chain(
+                futures::stream::once(async move {
+                    let mut watch = watch;
+                    watch.1 = true;
+                })
+                .filter_map(|()| async { None }),
+            )
+            .boxed()
     }
 
     async fn update(&self, updates: &[OrderUpdate]) -> app::error::Result<()> {
@@ -864,21 +902,66 @@ async fn a_stream_counts_as_in_flight_until_its_body_ends() {
     .await;
 }
 
+/// Probes until the rate limit refuses one, and returns how many passed and the refusal.
+async fn probe_until_limited(app: &TestApp, token: Option<&str>) -> (usize, tonic::Status) {
+    for passed in 0..20 {
+        if let Err(status) = get_with(app, token).await {
+            return (passed, status);
+        }
+    }
+    panic!("20 calls in a row passed a limit of 1 per second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_counts_as_a_call_in_flight() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.server.max_in_flight = 1.try_into().expect("non-zero");
+    })
+    .await
+    .expect("SQLite app");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    // The harness's own watch, dropped after start-up, may hold the place for a moment longer:
+    // try for up to 30 s.
+    let mut started = None;
+    for _ in 0..1500 {
+        match health
+            .watch(tonic_health::pb::HealthCheckRequest::default())
+            .await
+        {
+            Ok(watch) => {
+                started = Some(watch.into_inner());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let mut watch = started.expect("a watch starts");
+    watch.message().await.expect("first status");
+    let status = probe(app.channel.clone())
+        .await
+        .expect_err("the watch holds the only place");
+    assert_eq!(reason(&status), "OVERLOADED");
+    drop(watch);
+    eventually("the watch's place is free again", LIMIT, || async {
+        probe(app.channel.clone()).await.is_ok()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_refuses_with_retry_info_and_pushback() {
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
         s.server.rate_limit.per_second = 1;
-        s.server.rate_limit.burst = 2;
+        s.server.rate_limit.burst = 3;
     })
     .await
     .expect("SQLite app");
-    probe(app.channel.clone())
-        .await
-        .expect("first of the burst");
-    probe(app.channel.clone())
-        .await
-        .expect("second of the burst");
-    let status = probe(app.channel.clone()).await.expect_err("over the rate");
+    // The harness's own health Watch may have taken a token from the same (anonymous) bucket.
+    let (passed, status) = probe_until_limited(&app, None).await;
+    assert!(
+        (2..=3).contains(&passed),
+        "{passed} calls passed a burst of 3"
+    );
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(reason(&status), "RATE_LIMITED");
     use tonic_types::StatusExt;
@@ -898,6 +981,40 @@ async fn the_rate_limit_refuses_with_retry_info_and_pushback() {
         .and_then(|value| value.parse().ok())
         .expect("grpc-retry-pushback-ms");
     assert!(pushback <= 1000, "{pushback}");
+    assert_eq!(
+        app.health_status("").await.ok(),
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving),
+        "health checks are never limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_authenticated_subject_has_a_bucket_of_its_own() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, SECRET).expect("write secret");
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.auth.mode = AuthMode::Jwt;
+        s.auth.jwt_secret_file = Some(secret_file);
+        s.auth.issuer = ISSUER.to_owned();
+        s.auth.audience = AUDIENCE.to_owned();
+        s.server.rate_limit.per_second = 1;
+        s.server.rate_limit.burst = 2;
+    })
+    .await
+    .expect("SQLite app");
+    let token = |subject: &str| {
+        let mut claims = claims("orders.read");
+        claims.sub = Some(subject.to_owned());
+        hs256(&claims, SECRET)
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let (passed, status) = probe_until_limited(&app, Some(&alice)).await;
+    assert_eq!(passed, 2, "alice's burst");
+    assert_eq!(reason(&status), "RATE_LIMITED");
+    get_with(&app, Some(&bob))
+        .await
+        .expect("bob's bucket is his own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1012,6 +1129,40 @@ async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
     let status = stream.message().await.expect_err("cut at the deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_eq!(reason(&status), "DEADLINE_EXCEEDED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_is_still_dropped_at_its_deadline() {
+    let service = app::health::ORDER_SERVICE_NAME;
+    let (app, faults) = faulty_app(Backend::Sqlite, |s| {
+        s.server.timeouts.methods.insert(
+            format!("{service}/SearchOrders"),
+            Duration::from_millis(500),
+        );
+    })
+    .await
+    .expect("SQLite app");
+    // About 80 KB of matches: more than tonic buffers (32 KiB) and the window together.
+    for _ in 0..40 {
+        let mut order = order_to("Oslo");
+        order.description = "d".repeat(1900);
+        app.create(order).await;
+    }
+    // A 1 KiB stream window that the client never opens again: the server fills it and hyper stops
+    // polling the response, so only the watchdog can end the search.
+    let stingy = app
+        .channel_with(|endpoint| endpoint.initial_stream_window_size(1024))
+        .await;
+    let stalled = OrderServiceClient::new(stingy)
+        .search_orders(search(""))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    eventually("the stalled search is dropped", LIMIT, || async {
+        faults.searches_dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(stalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1360,6 +1511,26 @@ async fn open_h2(server: &TcpServer) -> tokio::net::TcpStream {
     stream.write_all(PREFACE).await.expect("preface");
     stream.write_all(&EMPTY_SETTINGS).await.expect("settings");
     stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_announces_its_stream_limit() {
+    let server = TcpServer::start(|s| s.server.max_concurrent_streams = 37).await;
+    let mut stream = open_h2(&server).await;
+    // The server's first frame is its SETTINGS: 6-byte entries of a 16-bit id and a 32-bit value.
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await.expect("frame header");
+    assert_eq!(header[3], 4, "SETTINGS first");
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.expect("settings");
+    let max_concurrent_streams = payload
+        .chunks_exact(6)
+        .find(|entry| entry[..2] == [0, 3])
+        .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+    assert_eq!(max_concurrent_streams, Some(37));
+    drop(stream);
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::connection::Peer;
-use crate::auth::Subject;
+use crate::{auth::Subject, tls::ClientIdentity};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AccessLogLayer;
@@ -52,7 +52,11 @@ where
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
         let call = RpcCall {
             path: request.uri().path().to_owned(),
-            peer: request.extensions().get::<Peer>().cloned(),
+            peer: request
+                .extensions()
+                .get::<Peer>()
+                .and_then(|peer| peer.addr),
+            client: request.extensions().get::<ClientIdentity>().cloned(),
             subject: None,
             started: Instant::now(),
             finished: false,
@@ -167,7 +171,8 @@ fn status_code(headers: &HeaderMap) -> Option<Code> {
 #[derive(Debug)]
 struct RpcCall {
     path: String,
-    peer: Option<Peer>,
+    peer: Option<std::net::SocketAddr>,
+    client: Option<ClientIdentity>,
     subject: Option<Subject>,
     started: Instant,
     finished: bool,
@@ -187,11 +192,8 @@ impl RpcCall {
             .unwrap_or((path, ""));
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let code_number = code as i32;
-        let peer = self.peer.as_ref();
-        let peer_addr = peer.and_then(|peer| peer.addr).map(tracing::field::display);
-        let client = peer
-            .and_then(|peer| peer.identity.as_ref())
-            .map(|identity| identity.name());
+        let peer_addr = self.peer.map(tracing::field::display);
+        let client = self.client.as_ref().map(ClientIdentity::name);
         let subject = self.subject.as_ref().map(Subject::as_str);
         if matches!(
             code,

@@ -63,12 +63,11 @@ impl Socket for DuplexStream {
     }
 }
 
-/// Who is on the other end of a call's connection; every request carries it as an extension.
-#[derive(Debug, Clone, Default)]
+/// Where a call's connection comes from; every request carries it as an extension, and, under
+/// mutual TLS, the verified [`ClientIdentity`] as another.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
-    /// The verified client certificate's identity, under mutual TLS.
-    pub identity: Option<ClientIdentity>,
 }
 
 /// How every connection is served, fixed at start-up.
@@ -130,11 +129,7 @@ pub async fn serve<IO, S, B>(
 {
     let addr = io.peer_addr();
     let Some(tls) = tls else {
-        let peer = Peer {
-            addr,
-            identity: None,
-        };
-        return serve_http2(io, peer, service, &options, &stop).await;
+        return serve_http2(io, Peer { addr }, None, service, &options, &stop).await;
     };
     let handshake = tokio::time::timeout(options.handshake_timeout, tls.accept(io));
     // Operators see failed handshakes here, or nowhere: a client refused by mutual TLS never
@@ -153,13 +148,13 @@ pub async fn serve<IO, S, B>(
             }
         },
     };
-    let peer = Peer { addr, identity };
-    serve_http2(stream, peer, service, &options, &stop).await;
+    serve_http2(stream, Peer { addr }, identity, service, &options, &stop).await;
 }
 
 async fn serve_http2<IO, S, B>(
     io: IO,
     peer: Peer,
+    identity: Option<ClientIdentity>,
     service: S,
     options: &ConnectionOptions,
     stop: &CancellationToken,
@@ -184,6 +179,7 @@ async fn serve_http2<IO, S, B>(
     let service = TowerToHyperService::new(ConnectionService {
         inner: service,
         peer,
+        identity,
         activity: Arc::clone(&activity),
     });
     let mut connection = pin!(options.http2.serve_connection(io, service));
@@ -214,6 +210,9 @@ async fn serve_http2<IO, S, B>(
                     tracing::debug!(peer = ?addr, "closing an idle connection");
                     connection.as_mut().graceful_shutdown();
                     going_away = true;
+                    // A client that ignores GOAWAY is closed after the same grace as an old one.
+                    in_grace = true;
+                    grace_over.as_mut().reset(Instant::now() + options.age_grace);
                 }
                 idle => {
                     let wait = options.max_idle - idle.unwrap_or_default();
@@ -360,6 +359,7 @@ impl Drop for ActiveCall {
 struct ConnectionService<S> {
     inner: S,
     peer: Peer,
+    identity: Option<ClientIdentity>,
     activity: Arc<Activity>,
 }
 
@@ -378,10 +378,10 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let call = self.activity.start();
         let extensions = request.extensions_mut();
-        if let Some(identity) = &self.peer.identity {
+        if let Some(identity) = &self.identity {
             extensions.insert(identity.clone());
         }
-        extensions.insert(self.peer.clone());
+        extensions.insert(self.peer);
         ResponseFuture {
             inner: self.inner.call(request),
             call: Some(call),

@@ -8,20 +8,25 @@
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::oneshot,
+    time::{Instant, Sleep},
+};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
 use crate::{
-    api::Method,
+    api::{Method, MethodKind},
     config::TimeoutSettings,
     status::{self, Reason},
 };
@@ -45,8 +50,15 @@ impl Deadline {
 /// The server's limit per method path, resolved once from the configuration.
 #[derive(Debug, Clone)]
 pub struct TimeoutTable {
-    by_path: HashMap<String, Option<Duration>>,
+    by_path: HashMap<String, Limit>,
     default: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limit {
+    timeout: Option<Duration>,
+    /// The response is a stream, which may outlive its handler and needs a watchdog.
+    streams: bool,
 }
 
 impl TimeoutTable {
@@ -78,7 +90,15 @@ impl TimeoutTable {
                     .or_else(|| settings.services.get(&method.service))
                     .copied()
                     .unwrap_or(settings.default);
-                (method.path(), limit(configured))
+                let streams = matches!(
+                    method.kind,
+                    MethodKind::ServerStream | MethodKind::BidiStream
+                );
+                let limit = Limit {
+                    timeout: limit(configured),
+                    streams,
+                };
+                (method.path(), limit)
             })
             .collect();
         Ok(Self {
@@ -87,8 +107,11 @@ impl TimeoutTable {
         })
     }
 
-    fn for_path(&self, path: &str) -> Option<Duration> {
-        self.by_path.get(path).copied().unwrap_or(self.default)
+    fn for_path(&self, path: &str) -> Limit {
+        self.by_path.get(path).copied().unwrap_or(Limit {
+            timeout: self.default,
+            streams: false,
+        })
     }
 }
 
@@ -125,6 +148,7 @@ pub struct DeadlineService<S> {
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for DeadlineService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Send + 'static,
 {
     type Response = http::Response<DeadlineBody<ResBody>>;
     type Error = S::Error;
@@ -135,7 +159,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        let server_limit = self.table.for_path(request.uri().path());
+        let Limit {
+            timeout: server_limit,
+            streams,
+        } = self.table.for_path(request.uri().path());
         let client_limit = request
             .headers()
             .get("grpc-timeout")
@@ -144,14 +171,14 @@ where
             (Some(server), Some(client)) => Some(server.min(client)),
             (limit, None) | (None, limit) => limit,
         };
-        let sleep = timeout.map(|timeout| {
-            let deadline = Instant::now() + timeout;
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        if let Some(deadline) = deadline {
             request.extensions_mut().insert(Deadline(deadline));
-            Box::pin(tokio::time::sleep_until(deadline))
-        });
+        }
         ResponseFuture {
             inner: self.inner.call(request),
-            sleep,
+            sleep: deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline))),
+            watch_stream: streams,
         }
     }
 }
@@ -169,12 +196,14 @@ pin_project! {
         #[pin]
         inner: F,
         sleep: Option<Pin<Box<Sleep>>>,
+        watch_stream: bool,
     }
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
+    ResBody: Send + 'static,
 {
     type Output = Result<http::Response<DeadlineBody<ResBody>>, E>;
 
@@ -182,48 +211,90 @@ where
         let this = self.project();
         if let Poll::Ready(response) = this.inner.poll(cx) {
             let sleep = this.sleep.take();
+            let watch_stream = *this.watch_stream;
             return Poll::Ready(response.map(|response| {
-                response.map(|body| DeadlineBody {
-                    inner: Some(body),
-                    sleep,
-                })
+                response.map(|body| DeadlineBody::new(body, sleep, watch_stream))
             }));
         }
         if let Some(sleep) = this.sleep
             && sleep.as_mut().poll(cx).is_ready()
         {
             // Returning drops the handler's future, and with it its query and transaction.
-            return Poll::Ready(Ok(deadline_exceeded().into_http::<()>().map(|()| {
-                DeadlineBody {
-                    inner: None,
-                    sleep: None,
-                }
-            })));
+            let (parts, ()) = deadline_exceeded().into_http::<()>().into_parts();
+            return Poll::Ready(Ok(http::Response::from_parts(
+                parts,
+                DeadlineBody::default(),
+            )));
         }
         Poll::Pending
     }
 }
 
-pin_project! {
-    /// A response body that ends with DEADLINE_EXCEEDED trailers when the deadline passes before its
-    /// own end, dropping the rest of the stream (and the handler work behind it).
-    pub struct DeadlineBody<B> {
-        #[pin]
-        inner: Option<B>,
-        sleep: Option<Pin<Box<Sleep>>>,
-    }
+/// A response body that ends with DEADLINE_EXCEEDED trailers when the deadline passes before its
+/// own end, dropping the rest of the stream (and the handler work behind it).
+pub struct DeadlineBody<B> {
+    inner: Inner<B>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Dropped with the body, which stops the watchdog.
+    _watchdog: Option<oneshot::Sender<Infallible>>,
+}
+
+enum Inner<B> {
+    Owned(Option<B>),
+    /// Shared with a watchdog task. hyper stops polling a body while the client gives the stream no
+    /// flow-control window, so a stalled stream would never see its deadline here; the watchdog
+    /// drops the handler's stream (its rows, its database connection) at the deadline regardless.
+    Watched(Arc<Mutex<Option<B>>>),
 }
 
 impl<B> Default for DeadlineBody<B> {
     fn default() -> Self {
         Self {
-            inner: None,
+            inner: Inner::Owned(None),
             sleep: None,
+            _watchdog: None,
         }
     }
 }
 
-impl<B: Body> Body for DeadlineBody<B> {
+impl<B: Send + 'static> DeadlineBody<B> {
+    fn new(body: B, sleep: Option<Pin<Box<Sleep>>>, watch_stream: bool) -> Self {
+        let deadline = sleep.as_ref().map(|sleep| sleep.deadline());
+        let Some(deadline) = deadline.filter(|_| watch_stream) else {
+            return Self {
+                inner: Inner::Owned(Some(body)),
+                sleep,
+                _watchdog: None,
+            };
+        };
+        let slot = Arc::new(Mutex::new(Some(body)));
+        let watched = Arc::downgrade(&slot);
+        let (stop, stopped) = oneshot::channel::<Infallible>();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    if let Some(slot) = watched.upgrade() {
+                        let body = lock(&slot).take();
+                        drop(body);
+                    }
+                }
+                _ = stopped => {}
+            }
+        });
+        Self {
+            inner: Inner::Watched(slot),
+            sleep,
+            _watchdog: Some(stop),
+        }
+    }
+}
+
+fn lock<B>(slot: &Mutex<Option<B>>) -> MutexGuard<'_, Option<B>> {
+    // A panic while polling is caught further in (the panic guard); the slot itself stays whole.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<B: Body + Unpin> Body for DeadlineBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -231,40 +302,58 @@ impl<B: Body> Body for DeadlineBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.get_mut();
         // The deadline is checked before each message, so a stream that is ready to send still stops.
         if let Some(sleep) = this.sleep.as_mut()
             && sleep.as_mut().poll(cx).is_ready()
         {
-            *this.sleep = None;
-            this.inner.set(None);
+            this.sleep = None;
+            this.inner = Inner::Owned(None);
             return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
                 &deadline_exceeded(),
             )))));
         }
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(None);
+        let frame = match &mut this.inner {
+            Inner::Owned(Some(body)) => Pin::new(body).poll_frame(cx),
+            Inner::Owned(None) => return Poll::Ready(None),
+            Inner::Watched(slot) => {
+                let mut slot = lock(slot);
+                let Some(body) = slot.as_mut() else {
+                    // Only the watchdog empties the slot, at the deadline.
+                    drop(slot);
+                    this.sleep = None;
+                    this.inner = Inner::Owned(None);
+                    return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
+                        &deadline_exceeded(),
+                    )))));
+                };
+                Pin::new(body).poll_frame(cx)
+            }
         };
-        let frame = inner.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &frame {
-            *this.sleep = None;
-        } else if let Poll::Ready(Some(Ok(frame))) = &frame
-            && frame.is_trailers()
-        {
+        match &frame {
+            Poll::Ready(None | Some(Err(_))) => this.sleep = None,
             // The call has its status: nothing is left to bound.
-            *this.sleep = None;
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.sleep = None,
+            _ => {}
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Inner::Owned(body) => body.as_ref().is_none_or(Body::is_end_stream),
+            Inner::Watched(slot) => lock(slot).as_ref().is_some_and(Body::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            Inner::Owned(Some(body)) => body.size_hint(),
+            Inner::Owned(None) => SizeHint::with_exact(0),
+            Inner::Watched(slot) => lock(slot)
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
+        }
     }
 }
 
@@ -325,23 +414,24 @@ mod tests {
         let table = TimeoutTable::new(&TimeoutSettings::default(), &served_methods())
             .expect("defaults name served methods");
         let path = |method: &str| format!("/{service}/{method}");
+        let timeout = |path: &str| table.for_path(path).timeout;
         assert_eq!(
-            table.for_path(&path("SearchOrders")),
+            timeout(&path("SearchOrders")),
             Some(Duration::from_secs(60))
         );
+        assert_eq!(timeout(&path("GetOrder")), Some(Duration::from_secs(10)));
         assert_eq!(
-            table.for_path(&path("GetOrder")),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            table.for_path("/grpc.health.v1.Health/Check"),
+            timeout("/grpc.health.v1.Health/Check"),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(table.for_path("/grpc.health.v1.Health/Watch"), None);
+        assert_eq!(timeout("/grpc.health.v1.Health/Watch"), None);
         assert_eq!(
-            table.for_path("/no.such.Service/Call"),
+            timeout("/no.such.Service/Call"),
             Some(Duration::from_secs(30))
         );
+        assert!(table.for_path(&path("SearchOrders")).streams);
+        assert!(table.for_path(&path("ProcessOrders")).streams);
+        assert!(!table.for_path(&path("UpdateOrders")).streams);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! - a request that is not valid protobuf (bad wire format, invalid UTF-8 in a string) is the
 //!   caller's fault, INVALID_ARGUMENT (tonic says INTERNAL, which would page whoever is on call);
 //! - an unknown method is UNIMPLEMENTED with reason METHOD_NOT_FOUND;
-//! - any other status without details gets an `ErrorInfo` named after its code.
+//! - any other status without details gets an `ErrorInfo` named after its code, and for INTERNAL
+//!   and UNAVAILABLE a fixed message: what a library says about its failure is for the log, not the
+//!   caller.
 //!
 //! Statuses that already have details (all of this service's own) pass untouched, and the OK path
 //! costs one header comparison.
@@ -158,6 +160,15 @@ fn completed(status: &Status) -> Option<Status> {
             Reason::MethodNotFound,
             "this server has no such method",
         ),
+        code @ (Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss) => {
+            tracing::warn!(code = ?code, message, "a library answered an error without details");
+            let reason = if code == Code::Internal {
+                Reason::Internal
+            } else {
+                Reason::Unclassified(code)
+            };
+            status::error(code, reason, "internal error")
+        }
         code => status::error(code, Reason::Unclassified(code), message),
     })
 }
@@ -211,6 +222,10 @@ mod tests {
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(reason(&status), "NOT_FOUND");
         assert_eq!(status.message(), "service not registered");
+
+        let status = rewritten(Status::internal("h2 protocol error: /var/lib/secret"));
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(reason(&status), "INTERNAL");
 
         let own = status::error(Code::Unavailable, Reason::DatabaseUnavailable, "retry");
         assert_eq!(reason(&rewritten(own)), "DATABASE_UNAVAILABLE");

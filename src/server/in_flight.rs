@@ -4,7 +4,8 @@
 //! Written by hand because tower's `ConcurrencyLimit` releases its permit when the response headers
 //! are ready, so a stream would stop counting while it is still sending, and it queues rather than
 //! refuses. Here the permit lives in the response body until the stream's last message.
-//! Health checks are never refused: probes must keep answering while the server is busy.
+//! Health checks (`Health/Check`) are never refused: probes must keep answering while the server is
+//! busy.
 
 use std::{
     pin::Pin,

@@ -45,10 +45,11 @@ use crate::{
     tls::{ServerTls, TlsError},
 };
 
-/// Whether a call is to the health service, which load shedding and rate limits never refuse:
-/// probes must keep answering while the server is busy, or orchestrators restart a busy pod.
+/// Whether a call is a health probe (`Health/Check`), which load shedding and rate limits never
+/// refuse: probes must keep answering while the server is busy, or orchestrators restart a busy pod.
+/// `Health/Watch` is a stream that stays open, so it counts like any other call.
 fn is_health_check(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/")
+    path == "/grpc.health.v1.Health/Check"
 }
 
 /// Every call's path through the server, outermost first: the access log sees the final status of
@@ -101,6 +102,9 @@ impl Application {
         store: Arc<dyn OrderStore>,
         settings: &Settings,
     ) -> Result<Self, ServerError> {
+        // `Settings::load` checks this too; settings built in code must not skip it (a certificate
+        // without its key would otherwise leave TLS silently off).
+        settings.check().map_err(ServerError::Config)?;
         let limit = settings.server.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         // Nothing is ready until the database is: the watch started by `serve` flips this.
@@ -193,15 +197,18 @@ impl Application {
         let background = CancellationToken::new();
         // However serving ends, the background tasks end with it.
         let _stop_background_on_exit = background.clone().drop_guard();
+        // Certificate reloads first: SIGHUP is handled from here on, before anything reports SERVING.
+        tokio::spawn(crate::tls::watch(
+            self.tls.clone(),
+            self.tls_reload_interval,
+            background.child_token(),
+        ));
         let watcher = tokio::spawn(health::watch_database(
             Arc::clone(&self.store),
             self.health.clone(),
             self.watch,
             background.clone(),
         ));
-        if let Some(tls) = &self.tls {
-            tokio::spawn(Arc::clone(tls).watch(self.tls_reload_interval, background.child_token()));
-        }
 
         let connections = TaskTracker::new();
         let stop_connections = CancellationToken::new();

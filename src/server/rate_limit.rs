@@ -3,7 +3,7 @@
 //! A call over the rate is refused with RESOURCE_EXHAUSTED, a `RetryInfo` detail and the
 //! `grpc-retry-pushback-ms` trailer, which gRPC clients with a retry policy honour.
 //!
-//! Health checks are never limited: probes from one node must not use up the node's bucket.
+//! Health checks (`Health/Check`) are never limited: probes from one node must not use up the node's bucket.
 //!
 //! Buckets that have refilled are forgotten every `PRUNE_EVERY` calls, so memory follows the number
 //! of recently active clients, not every client ever seen.
@@ -23,7 +23,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tower::{Layer, Service};
 
 use super::{connection::Peer, is_health_check};
-use crate::{auth::Subject, config::RateLimitSettings, status};
+use crate::{auth::Subject, config::RateLimitSettings, status, tls::ClientIdentity};
 
 const PRUNE_EVERY: u64 = 1024;
 
@@ -109,16 +109,34 @@ where
 }
 
 fn client_key(extensions: &http::Extensions) -> ClientKey {
-    if let Some(subject) = extensions.get::<Subject>() {
+    // An empty name identifies nobody: fall through to the next kind of key.
+    if let Some(subject) = extensions
+        .get::<Subject>()
+        .filter(|s| !s.as_str().is_empty())
+    {
         return ClientKey::Subject(subject.as_str().to_owned());
     }
-    let peer = extensions.get::<Peer>();
-    if let Some(identity) = peer.and_then(|peer| peer.identity.as_ref()) {
+    if let Some(identity) = extensions
+        .get::<ClientIdentity>()
+        .filter(|identity| !identity.name().is_empty())
+    {
         return ClientKey::Certificate(identity.name().to_owned());
     }
-    match peer.and_then(|peer| peer.addr) {
-        Some(addr) => ClientKey::Address(addr.ip()),
+    match extensions.get::<Peer>().and_then(|peer| peer.addr) {
+        Some(addr) => ClientKey::Address(network(addr.ip())),
         None => ClientKey::Unknown,
+    }
+}
+
+/// The address a client is keyed by: IPv4 as it is, IPv6 by its /64, the block one host is usually
+/// given, so a client cannot escape its limit by rotating through its own addresses.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::from(std::net::Ipv6Addr::from(prefix))
+        }
     }
 }
 
@@ -129,6 +147,27 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    #[test]
+    fn clients_are_keyed_by_subject_then_certificate_then_network() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(client_key(&extensions), ClientKey::Unknown);
+        let v6: SocketAddr = "[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:443"
+            .parse()
+            .expect("addr");
+        extensions.insert(Peer { addr: Some(v6) });
+        assert_eq!(
+            client_key(&extensions),
+            ClientKey::Address("2001:db8:1:2::".parse().expect("ip"))
+        );
+        extensions.insert(Subject::from(""));
+        assert!(matches!(client_key(&extensions), ClientKey::Address(_)));
+        extensions.insert(Subject::from("alice"));
+        assert_eq!(
+            client_key(&extensions),
+            ClientKey::Subject("alice".to_owned())
+        );
+    }
 
     #[tokio::test]
     async fn buckets_of_clients_gone_quiet_are_forgotten() {
@@ -146,7 +185,6 @@ mod tests {
             let ip = IpAddr::from(u32::try_from(client).expect("small").to_be_bytes());
             request.extensions_mut().insert(Peer {
                 addr: Some(SocketAddr::new(ip, 1)),
-                identity: None,
             });
             service.clone().oneshot(request).await.expect("answered");
         }

@@ -153,4 +153,86 @@ mod tests {
             ["order.id"]
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Text as clients send it: any Unicode, NULs and control characters included, short to long.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[a-z ]{0,10}",
+                proptest::collection::vec(any::<char>(), 150..250).prop_map(String::from_iter),
+            ]
+        }
+
+        fn order() -> impl Strategy<Value = api::Order> {
+            (
+                text(),
+                proptest::collection::vec(text(), 0..120),
+                text(),
+                any::<i64>(),
+                text(),
+            )
+                .prop_map(|(id, items, description, price_cents, destination)| {
+                    api::Order {
+                        id,
+                        items,
+                        description,
+                        price_cents,
+                        destination,
+                        ..Default::default()
+                    }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Any CreateOrder request converts, or is refused with field violations that each name
+            /// a field of the request; it never panics.
+            #[test]
+            fn any_create_request_converts_or_names_its_violations(
+                order in proptest::option::of(order()),
+                request_id in text(),
+            ) {
+                match create_request(api::CreateOrderRequest { order, request_id }) {
+                    Ok((details, _)) => {
+                        prop_assert!(!details.items().is_empty());
+                        prop_assert!(details.price_cents() >= 0);
+                    }
+                    Err(violations) => {
+                        prop_assert!(!violations.is_empty());
+                        for field in fields(&violations) {
+                            prop_assert!(
+                                field.starts_with("order") || field == "request_id",
+                                "{}", field
+                            );
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn any_update_request_converts_or_names_its_violations(
+                order in proptest::option::of(order()),
+            ) {
+                if let Err(violations) = update_request(api::UpdateOrdersRequest { order }) {
+                    prop_assert!(!violations.is_empty());
+                    for field in fields(&violations) {
+                        prop_assert!(field.starts_with("order"), "{}", field);
+                    }
+                }
+            }
+
+            #[test]
+            fn any_id_parses_or_is_refused_with_one_violation(id in text()) {
+                if let Err(violations) = order_id("id", &id) {
+                    prop_assert_eq!(fields(&violations), ["id"]);
+                }
+            }
+        }
+    }
 }
