@@ -14,17 +14,16 @@ use std::{
 use app::{
     api::{
         self, CreateOrderRequest, ListOrdersRequest, OrderStatus, ProcessOrdersRequest,
-        SearchOrdersRequest, SearchOrdersResponse, UpdateOrdersRequest,
-        order_service_client::OrderServiceClient,
+        SearchOrdersRequest, UpdateOrdersRequest, order_service_client::OrderServiceClient,
     },
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     store::{OrderStore, OrderStream, Page, PageCursor},
 };
-use common::{Backend, TestApp, order_to, test_settings, violated_fields};
+use common::{Backend, TestApp, order_to, search_and_take_one, test_settings, violated_fields};
 use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Streaming, transport::Channel};
+use tonic::{Code, Request};
 
 backend_tests!(
     create_assigns_id_status_and_times,
@@ -431,23 +430,6 @@ async fn search_streams_rows_as_the_client_reads_them(backend: Backend) {
         drop(search_and_take_one(&mut client, "bulk").await);
     }
     assert_eq!(app.list_all().await.len(), ORDERS);
-}
-
-/// Starts a search for `query`, reads its first match and returns the rest of the stream unread.
-async fn search_and_take_one(
-    client: &mut OrderServiceClient<Channel>,
-    query: &str,
-) -> Streaming<SearchOrdersResponse> {
-    let mut matches = client
-        .search_orders(SearchOrdersRequest {
-            query: query.to_owned(),
-        })
-        .await
-        .expect("search starts")
-        .into_inner();
-    let first = matches.message().await.expect("stream continues");
-    assert!(first.is_some(), "a first match");
-    matches
 }
 
 /// The number of rows searches have read, once it has stopped growing (or after ten seconds).

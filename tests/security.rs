@@ -21,7 +21,9 @@ use app::{
     store::{OrderStore, OrderStream, Page, PageCursor},
     tls::Reload,
 };
-use common::{Backend, TcpServer, TestApp, eventually, logs, order_to, probe, reason};
+use common::{
+    Backend, TcpServer, TestApp, eventually, logs, order_to, probe, reason, search_and_take_one,
+};
 use futures::StreamExt;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -880,14 +882,7 @@ async fn a_stream_counts_as_in_flight_until_its_body_ends() {
     .expect("SQLite app");
     app.create_for("Oslo").await;
     faults.search_stalls.store(true, Ordering::SeqCst);
-    let mut stream = app
-        .orders
-        .clone()
-        .search_orders(search(""))
-        .await
-        .expect("stream starts")
-        .into_inner();
-    assert!(stream.message().await.expect("first match").is_some());
+    let stream = search_and_take_one(&mut app.orders.clone(), "").await;
 
     // The handler returned long ago; the stream is still sending, so it still counts.
     let status = probe(app.channel.clone())
@@ -1118,14 +1113,7 @@ async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
     .expect("SQLite app");
     app.create_for("Oslo").await;
     faults.search_stalls.store(true, Ordering::SeqCst);
-    let mut stream = app
-        .orders
-        .clone()
-        .search_orders(search(""))
-        .await
-        .expect("stream starts")
-        .into_inner();
-    assert!(stream.message().await.expect("first match").is_some());
+    let mut stream = search_and_take_one(&mut app.orders.clone(), "").await;
     let status = stream.message().await.expect_err("cut at the deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_eq!(reason(&status), "DEADLINE_EXCEEDED");
@@ -1315,14 +1303,7 @@ async fn a_panicking_stream_ends_with_internal_after_what_it_sent() {
         .expect("SQLite app");
     app.create_for("Oslo").await;
     faults.search_panics.store(true, Ordering::SeqCst);
-    let mut stream = app
-        .orders
-        .clone()
-        .search_orders(search(""))
-        .await
-        .expect("stream starts")
-        .into_inner();
-    assert!(stream.message().await.expect("first match").is_some());
+    let mut stream = search_and_take_one(&mut app.orders.clone(), "").await;
     let status = stream.message().await.expect_err("panicked");
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(reason(&status), "INTERNAL");

@@ -432,6 +432,23 @@ impl Drop for TcpServer {
     }
 }
 
+/// Starts a search for `query`, reads its first match and returns the rest of the stream unread.
+pub async fn search_and_take_one(
+    client: &mut OrderServiceClient<Channel>,
+    query: &str,
+) -> tonic::Streaming<api::SearchOrdersResponse> {
+    let mut matches = client
+        .search_orders(api::SearchOrdersRequest {
+            query: query.to_owned(),
+        })
+        .await
+        .expect("search starts")
+        .into_inner();
+    let first = matches.message().await.expect("stream continues");
+    assert!(first.is_some(), "a first match");
+    matches
+}
+
 /// A GetOrder for an order that does not exist: NOT_FOUND proves the call reached the handler.
 pub async fn probe(channel: Channel) -> Result<(), tonic::Status> {
     let status = OrderServiceClient::new(channel)
