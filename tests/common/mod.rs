@@ -483,6 +483,12 @@ pub mod logs {
 
     /// Starts capturing (once per test binary) every log line at DEBUG and above.
     pub fn capture() {
+        capture_at(tracing::Level::DEBUG);
+    }
+
+    /// Starts capturing (once per test binary; the first level asked for wins) every log line at
+    /// `level` and above, from every crate.
+    pub fn capture_at(level: tracing::Level) {
         LINES.get_or_init(|| {
             let buffer = Arc::new(Mutex::new(Vec::new()));
             let writer = {
@@ -492,7 +498,7 @@ pub mod logs {
             let _ = tracing_subscriber::fmt()
                 .json()
                 .flatten_event(true)
-                .with_max_level(tracing::Level::DEBUG)
+                .with_max_level(level)
                 .with_writer(writer)
                 .try_init();
             buffer
