@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --example dev-token -- --secret-file certs/jwt-secret --issuer dev \
-//!     --audience order-service --scope "orders.read orders.write" --subject alice
+//!     --audience my-service --scope "orders.read orders.write" --subject alice
 //! ```
 //!
 //! It prints the token; send it as `authorization: Bearer <token>`. For development only:

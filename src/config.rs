@@ -119,7 +119,7 @@ pub struct RateLimitSettings {
 pub struct TimeoutSettings {
     #[serde(with = "humantime_serde")]
     pub default: Duration,
-    /// By full service name, e.g. `"order.v1.OrderService"`.
+    /// By full service name, `"package.Service"`.
     #[serde(with = "duration_map")]
     pub services: BTreeMap<String, Duration>,
     /// By `"package.Service/Method"`.
