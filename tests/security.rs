@@ -1036,6 +1036,30 @@ async fn an_oversize_request_is_resource_exhausted_and_the_connection_carries_on
     assert!(app.list_all().await.is_empty(), "nothing was written");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_response_is_resource_exhausted_too() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.server.max_message_bytes = 4 * 1024)
+        .await
+        .expect("SQLite app");
+    // Each order fits in a message; a page of three does not.
+    for _ in 0..3 {
+        let mut order = order_to("Oslo");
+        order.description = "d".repeat(1500);
+        app.create(order).await;
+    }
+    let status = app
+        .orders
+        .clone()
+        .list_orders(api::ListOrdersRequest {
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await
+        .expect_err("the page is too large to send");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Deadlines
 // ---------------------------------------------------------------------------------------------
@@ -1492,6 +1516,21 @@ async fn open_h2(server: &TcpServer) -> tokio::net::TcpStream {
     stream.write_all(PREFACE).await.expect("preface");
     stream.write_all(&EMPTY_SETTINGS).await.expect("settings");
     stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_answer_pings_is_disconnected() {
+    let server = TcpServer::start(|s| {
+        s.server.keepalive_interval = Duration::from_millis(100);
+        s.server.keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut stream = open_h2(&server).await;
+    // This peer reads but never acknowledges a PING; no frame type 255 exists, so this reads until
+    // the server closes the connection.
+    let closed = tokio::time::timeout(LIMIT, read_until_frame(&mut stream, 255)).await;
+    assert_eq!(closed.ok(), Some(false), "closed for an unanswered PING");
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

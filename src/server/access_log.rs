@@ -224,11 +224,7 @@ impl Drop for RpcCall {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::VecDeque,
-        convert::Infallible,
-        sync::{Arc, Mutex},
-    };
+    use std::{collections::VecDeque, convert::Infallible};
 
     use futures::executor::block_on;
     use http::{HeaderValue, Response};
@@ -260,17 +256,7 @@ mod tests {
     /// Runs one call whose response is `response`, reads its body as far as `frames_to_read`, and
     /// returns the log lines written.
     fn logged(response: fn() -> Response<Frames>, frames_to_read: usize) -> Vec<serde_json::Value> {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = {
-            let buffer = Arc::clone(&buffer);
-            move || SharedWriter(Arc::clone(&buffer))
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(writer)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        crate::telemetry::test_support::json_logs(|| {
             let service = AccessLogLayer.layer(service_fn(move |_: http::Request<()>| {
                 std::future::ready(Ok::<_, Infallible>(response()))
             }));
@@ -284,24 +270,7 @@ mod tests {
                     Pin::new(&mut *body).poll_frame(cx)
                 }));
             }
-        });
-        let text = String::from_utf8(buffer.lock().expect("buffer").clone()).expect("UTF-8");
-        text.lines()
-            .map(|line| serde_json::from_str(line).expect("JSON"))
-            .collect()
-    }
-
-    struct SharedWriter(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for SharedWriter {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("buffer").extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        })
     }
 
     fn codes(lines: &[serde_json::Value]) -> Vec<i64> {

@@ -271,17 +271,23 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         tracing::warn!(addr = %local_addr, "{warning}");
     }
     tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+    application
+        .serve_with_incoming(incoming(listener), shutdown::signal())
+        .await
+}
+
+/// The connections `listener` accepts, with TCP_NODELAY set: gRPC messages are small and
+/// latency-bound, so they are never held back to be coalesced.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
         accepted.inspect(|stream| {
-            // gRPC messages are small and latency-bound: never wait to coalesce them.
             if let Err(err) = stream.set_nodelay(true) {
                 tracing::debug!(error = %err, "cannot set TCP_NODELAY");
             }
         })
-    });
-    application
-        .serve_with_incoming(incoming, shutdown::signal())
-        .await
+    })
 }
 
 /// One warning per risk that the configuration leaves open, logged at start-up.
@@ -305,6 +311,20 @@ fn exposure_warnings(settings: &Settings, addr: SocketAddr) -> Vec<&'static str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_set() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut accepted = Box::pin(incoming(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let stream = accepted
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(stream.nodelay().expect("socket option"));
+    }
 
     #[test]
     fn start_up_warns_about_plaintext_and_about_no_auth_beyond_loopback() {

@@ -372,7 +372,7 @@ impl TcpServer {
         let tls = application.tls();
         let stop = CancellationToken::new();
         let server = tokio::spawn(application.serve_with_incoming(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            app::server::incoming(listener),
             stop.clone().cancelled_owned(),
         ));
         Self {
