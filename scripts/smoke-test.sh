@@ -31,18 +31,21 @@ call() { "$buf" curl --http2-prior-knowledge --protocol grpc "$@"; }
   exec "$binary" serve >"$work/server.log" 2>&1) &
 server_pid=$!
 
-# Bounded wait for readiness: at most 60 tries, 0.5 s apart.
-for _ in $(seq 60); do
-  if call "$url/grpc.health.v1.Health/Check" 2>/dev/null | grep -q '"SERVING"'; then
-    break
-  fi
-  sleep 0.5
-done
-call "$url/grpc.health.v1.Health/Check" | grep -q '"SERVING"' || {
-  echo "smoke: server never reported SERVING" >&2
-  cat "$work/server.log" >&2
+# Waits, at most 60 tries 0.5 s apart, until `$1 $2/grpc.health.v1.Health/Check` reports SERVING; on
+# failure prints the server's log, $3.
+wait_until_serving() {
+  local caller=$1 base=$2 log=$3
+  for _ in $(seq 60); do
+    if "$caller" "$base/grpc.health.v1.Health/Check" 2>/dev/null | grep -q '"SERVING"'; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "smoke: the server at $base never reported SERVING" >&2
+  cat "$log" >&2
   exit 1
 }
+wait_until_serving call "$url" "$work/server.log"
 
 services=$(call --list-services "$url")
 for service in grpc.health.v1.Health grpc.reflection.v1.ServerReflection; do
@@ -90,17 +93,7 @@ server_pid=$!
 # The client certificate, and the CA that signed the server's; --cert/--key are the mTLS half.
 scall() { "$buf" curl --protocol grpc --cacert "$certs/ca.crt" --cert "$certs/client.crt" --key "$certs/client.key" "$@"; }
 
-for _ in $(seq 60); do
-  if scall "$surl/grpc.health.v1.Health/Check" 2>/dev/null | grep -q '"SERVING"'; then
-    break
-  fi
-  sleep 0.5
-done
-scall "$surl/grpc.health.v1.Health/Check" | grep -q '"SERVING"' || {
-  echo "smoke: the mutual-TLS server never reported SERVING" >&2
-  cat "$work/secure.log" >&2
-  exit 1
-}
+wait_until_serving scall "$surl" "$work/secure.log"
 
 token=$("$token_tool" --secret-file "$certs/jwt-secret" --issuer smoke --audience smoke \
   --scope "orders.read orders.write" --subject smoke-test)
