@@ -11,8 +11,10 @@ use pin_project_lite::pin_project;
 use tonic::Status;
 
 pin_project! {
-    /// A response body that keeps `guard` alive until the body is dropped, i.e. until the last
-    /// message of a stream is sent or the call is abandoned, not merely until the handler returns.
+    /// A response body that keeps `guard` until the call is over: until the body yields its trailers
+    /// or ends, or is dropped (the call abandoned), not merely until the handler returns. Released
+    /// as the status is produced, before it reaches the client, so a client that has its answer
+    /// never finds the call still counted.
     pub struct GuardedBody<B, G> {
         #[pin]
         inner: B,
@@ -21,7 +23,17 @@ pin_project! {
 }
 
 impl<B, G> GuardedBody<B, G> {
-    pub fn new(inner: B, guard: Option<G>) -> Self {
+    /// Guards `response`'s body; a trailers-only response (its status in the headers) is over
+    /// already, so its guard is released at once.
+    pub fn guard(response: http::Response<B>, guard: Option<G>) -> http::Response<Self> {
+        let over = response.headers().contains_key("grpc-status");
+        response.map(|inner| Self {
+            inner,
+            guard: if over { None } else { guard },
+        })
+    }
+
+    fn new(inner: B, guard: Option<G>) -> Self {
         Self { inner, guard }
     }
 }
@@ -41,7 +53,14 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        match &frame {
+            Poll::Ready(None | Some(Err(_))) => *this.guard = None,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => *this.guard = None,
+            _ => {}
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -407,6 +407,6 @@ where
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
         let call = this.call.take();
-        Poll::Ready(Ok(response.map(|body| GuardedBody::new(body, call))))
+        Poll::Ready(Ok(GuardedBody::guard(response, call)))
     }
 }

@@ -108,6 +108,6 @@ where
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
         let permit = this.permit.take();
-        Poll::Ready(Ok(response.map(|body| GuardedBody::new(body, permit))))
+        Poll::Ready(Ok(GuardedBody::guard(response, permit)))
     }
 }
