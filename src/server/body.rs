@@ -32,15 +32,14 @@ impl<B, G> GuardedBody<B, G> {
             guard: if over { None } else { guard },
         })
     }
-
-    fn new(inner: B, guard: Option<G>) -> Self {
-        Self { inner, guard }
-    }
 }
 
 impl<B: Default, G> Default for GuardedBody<B, G> {
     fn default() -> Self {
-        Self::new(B::default(), None)
+        Self {
+            inner: B::default(),
+            guard: None,
+        }
     }
 }
 
@@ -55,10 +54,8 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        match &frame {
-            Poll::Ready(None | Some(Err(_))) => *this.guard = None,
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => *this.guard = None,
-            _ => {}
+        if ends_call(&frame) {
+            *this.guard = None;
         }
         frame
     }
@@ -69,6 +66,15 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Whether a polled frame is the last of the call: its trailers, an error, or the end of the body.
+pub fn ends_call<D, E>(frame: &Poll<Option<Result<Frame<D>, E>>>) -> bool {
+    match frame {
+        Poll::Ready(None | Some(Err(_))) => true,
+        Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+        Poll::Pending => false,
     }
 }
 

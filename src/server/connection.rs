@@ -35,7 +35,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use super::body::GuardedBody;
+use super::{body::GuardedBody, non_zero};
 use crate::{
     config::ServerSettings,
     tls::{ClientIdentity, ServerTls},
@@ -104,10 +104,6 @@ impl ConnectionOptions {
             age_grace: server.max_connection_age_grace,
         }
     }
-}
-
-fn non_zero(duration: Duration) -> Option<Duration> {
-    (!duration.is_zero()).then_some(duration)
 }
 
 /// Serves one connection until it closes, goes away or `stop` is cancelled and its calls finish.

@@ -24,7 +24,10 @@ use tokio::{
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use super::body::status_trailers;
+use super::{
+    body::{ends_call, status_trailers},
+    non_zero,
+};
 use crate::{
     api::{Method, MethodKind},
     config::TimeoutSettings,
@@ -80,7 +83,6 @@ impl TimeoutTable {
                 ));
             }
         }
-        let limit = |duration: Duration| (!duration.is_zero()).then_some(duration);
         let by_path = methods
             .iter()
             .map(|method| {
@@ -95,7 +97,7 @@ impl TimeoutTable {
                     MethodKind::ServerStream | MethodKind::BidiStream
                 );
                 let limit = Limit {
-                    timeout: limit(configured),
+                    timeout: non_zero(configured),
                     streams,
                 };
                 (method.path(), limit)
@@ -103,7 +105,7 @@ impl TimeoutTable {
             .collect();
         Ok(Self {
             by_path,
-            default: limit(settings.default),
+            default: non_zero(settings.default),
         })
     }
 
@@ -330,11 +332,9 @@ impl<B: Body + Unpin> Body for DeadlineBody<B> {
                 Pin::new(body).poll_frame(cx)
             }
         };
-        match &frame {
-            Poll::Ready(None | Some(Err(_))) => this.sleep = None,
+        if ends_call(&frame) {
             // The call has its status: nothing is left to bound.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.sleep = None,
-            _ => {}
+            this.sleep = None;
         }
         frame
     }

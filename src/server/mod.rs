@@ -52,6 +52,11 @@ fn is_health_check(path: &str) -> bool {
     path == "/grpc.health.v1.Health/Check"
 }
 
+/// A configured duration where `0s` means "none".
+fn non_zero(duration: Duration) -> Option<Duration> {
+    (!duration.is_zero()).then_some(duration)
+}
+
 /// Every call's path through the server, outermost first: the access log sees the final status of
 /// everything below it; load shedding refuses before any work; the deadline bounds authentication and
 /// the handler alike; the rate limit keys on the authenticated caller; panics become INTERNAL; and
