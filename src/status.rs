@@ -98,14 +98,9 @@ pub fn error(code: Code, reason: Reason, message: impl Into<String>) -> Status {
     Status::with_error_details(code, message, error_info(reason, HashMap::new()))
 }
 
-/// INTERNAL for a call that panicked; what the panic said is logged here, never sent.
-pub fn panicked(panic: &(dyn std::any::Any + Send)) -> Status {
-    let message = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)");
-    tracing::error!(panic = message, "a call panicked; answered INTERNAL");
+/// INTERNAL for a call that panicked. What the panic said, and where, is logged once by the panic
+/// hook (`telemetry::init`), and never sent.
+pub fn panicked() -> Status {
     error(Code::Internal, Reason::Internal, "internal error")
 }
 
@@ -211,17 +206,22 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// The `ErrorInfo.reason` of `status`, for unit tests; fails the test when there is none or its
+/// domain is not this service's.
+#[cfg(test)]
+pub(crate) fn error_reason(status: &Status) -> String {
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, ERROR_DOMAIN);
+    info.reason.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{OrderId, Violations};
-
-    fn reason(status: &Status) -> Option<String> {
-        let details = status.get_error_details();
-        let info = details.error_info()?;
-        assert_eq!(info.domain, ERROR_DOMAIN);
-        Some(info.reason.clone())
-    }
 
     #[test]
     fn invalid_argument_carries_one_field_violation_per_problem() {
@@ -229,7 +229,7 @@ mod tests {
         violations.add("order.price_cents", "negative");
         let status = Status::from(Error::InvalidOrder(violations));
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(reason(&status).as_deref(), Some("INVALID_ORDER"));
+        assert_eq!(error_reason(&status), "INVALID_ORDER");
         let details = status.get_error_details();
         let fields: Vec<_> = details
             .bad_request()
@@ -248,7 +248,7 @@ mod tests {
         let id = OrderId::generate();
         let status = Status::from(Error::OrderNotFound(id));
         assert_eq!(status.code(), Code::NotFound);
-        assert_eq!(reason(&status).as_deref(), Some("ORDER_NOT_FOUND"));
+        assert_eq!(error_reason(&status), "ORDER_NOT_FOUND");
         let resource = status.get_error_details().resource_info().cloned();
         assert_eq!(resource.map(|r| r.resource_name), Some(id.to_string()));
     }
@@ -257,7 +257,7 @@ mod tests {
     fn shipped_orders_are_a_failed_precondition() {
         let status = Status::from(Error::OrderAlreadyShipped(OrderId::generate()));
         assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(reason(&status).as_deref(), Some("ORDER_ALREADY_SHIPPED"));
+        assert_eq!(error_reason(&status), "ORDER_ALREADY_SHIPPED");
     }
 
     #[test]
@@ -265,17 +265,17 @@ mod tests {
         let status = Status::from(Error::Database(sqlx::Error::RowNotFound));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
-        assert_eq!(reason(&status).as_deref(), Some("INTERNAL"));
+        assert_eq!(error_reason(&status), "INTERNAL");
         let status = Status::from(Error::from(sqlx::Error::PoolTimedOut));
         assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(reason(&status).as_deref(), Some("DATABASE_UNAVAILABLE"));
+        assert_eq!(error_reason(&status), "DATABASE_UNAVAILABLE");
     }
 
     #[test]
     fn rate_limited_tells_when_to_retry() {
         let status = rate_limited(Duration::from_millis(250));
         assert_eq!(status.code(), Code::ResourceExhausted);
-        assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
+        assert_eq!(error_reason(&status), "RATE_LIMITED");
         assert_eq!(
             status
                 .get_error_details()

@@ -175,9 +175,8 @@ fn completed(status: &Status) -> Option<Status> {
 
 #[cfg(test)]
 mod tests {
-    use tonic_types::StatusExt;
-
     use super::*;
+    use crate::status::error_reason;
 
     fn rewritten(status: Status) -> Status {
         let mut headers = HeaderMap::new();
@@ -186,21 +185,13 @@ mod tests {
         Status::from_header_map(&headers).expect("a status")
     }
 
-    fn reason(status: &Status) -> String {
-        status
-            .get_error_details()
-            .error_info()
-            .map(|info| info.reason.clone())
-            .unwrap_or_default()
-    }
-
     #[test]
     fn oversize_messages_are_resource_exhausted() {
         let status = rewritten(Status::out_of_range(
             "Error, decoded message length too large: found 5 bytes, the limit is: 4 bytes",
         ));
         assert_eq!(status.code(), Code::ResourceExhausted);
-        assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+        assert_eq!(error_reason(&status), "MESSAGE_TOO_LARGE");
     }
 
     #[test]
@@ -209,26 +200,26 @@ mod tests {
             "failed to decode Protobuf message: invalid string value: data is not UTF-8 encoded",
         ));
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(reason(&status), "MALFORMED_MESSAGE");
+        assert_eq!(error_reason(&status), "MALFORMED_MESSAGE");
     }
 
     #[test]
     fn bare_statuses_get_an_error_info_and_detailed_ones_pass() {
         let status = rewritten(Status::unimplemented(""));
         assert_eq!(status.code(), Code::Unimplemented);
-        assert_eq!(reason(&status), "METHOD_NOT_FOUND");
+        assert_eq!(error_reason(&status), "METHOD_NOT_FOUND");
 
         let status = rewritten(Status::not_found("service not registered"));
         assert_eq!(status.code(), Code::NotFound);
-        assert_eq!(reason(&status), "NOT_FOUND");
+        assert_eq!(error_reason(&status), "NOT_FOUND");
         assert_eq!(status.message(), "service not registered");
 
         let status = rewritten(Status::internal("h2 protocol error: /var/lib/secret"));
         assert_eq!(status.message(), "internal error");
-        assert_eq!(reason(&status), "INTERNAL");
+        assert_eq!(error_reason(&status), "INTERNAL");
 
         let own = status::error(Code::Unavailable, Reason::DatabaseUnavailable, "retry");
-        assert_eq!(reason(&rewritten(own)), "DATABASE_UNAVAILABLE");
+        assert_eq!(error_reason(&rewritten(own)), "DATABASE_UNAVAILABLE");
 
         let mut ok = HeaderMap::new();
         ok.insert("grpc-status", 0.into());

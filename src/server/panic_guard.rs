@@ -75,10 +75,8 @@ where
             Ok(Poll::Ready(response)) => Poll::Ready(
                 response.map(|response| response.map(|body| GuardedStream { inner: Some(body) })),
             ),
-            Err(panic) => {
-                let (parts, ()) = status::panicked(panic.as_ref())
-                    .into_http::<()>()
-                    .into_parts();
+            Err(_panic) => {
+                let (parts, ()) = status::panicked().into_http::<()>().into_parts();
                 Poll::Ready(Ok(http::Response::from_parts(
                     parts,
                     GuardedStream::default(),
@@ -116,9 +114,9 @@ impl<B: Body> Body for GuardedStream<B> {
         };
         match catch_unwind(AssertUnwindSafe(|| inner.poll_frame(cx))) {
             Ok(frame) => frame,
-            Err(panic) => {
+            Err(_panic) => {
                 // The stream is unusable after a panic: drop it, then end the call.
-                let status = status::panicked(panic.as_ref());
+                let status = status::panicked();
                 this.inner.set(None);
                 Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))))
             }

@@ -83,7 +83,7 @@ fn guarded<T: Send + 'static>(
 ) -> ResponseStream<T> {
     std::panic::AssertUnwindSafe(stream)
         .catch_unwind()
-        .map(|item| item.unwrap_or_else(|panic| Err(crate::status::panicked(panic.as_ref()))))
+        .map(|item| item.unwrap_or_else(|_panic| Err(crate::status::panicked())))
         .boxed()
 }
 
