@@ -54,7 +54,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure().compile_fds(descriptors)?;
+
+    build_info();
     Ok(())
+}
+
+/// What `<package>_build_info` reports beside the version: the commit (`BUILD_REVISION` when the build
+/// sets it, as a container build without `.git` does, else `git rev-parse`) and the compiler's version.
+/// Either is "unknown" rather than a failed build when it cannot be found.
+fn build_info() {
+    println!("cargo:rerun-if-env-changed=BUILD_REVISION");
+    // A new commit changes the branch's ref file, not HEAD; watch both, and only files that exist (a
+    // missing one would rerun this script on every build).
+    if let Ok(head) = fs::read_to_string(".git/HEAD") {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+        if let Some(reference) = head.trim().strip_prefix("ref: ")
+            && Path::new(".git").join(reference).exists()
+        {
+            println!("cargo:rerun-if-changed=.git/{reference}");
+        }
+    }
+    let revision = env::var("BUILD_REVISION")
+        .ok()
+        .filter(|revision| !revision.is_empty())
+        .or_else(|| command_output("git", &["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    // "rustc 1.95.0 (59807616e 2026-04-14)" -> "1.95.0"
+    let rustc_version = command_output(&rustc, &["--version"])
+        .and_then(|line| line.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=BUILD_REVISION={revision}");
+    println!("cargo:rustc-env=BUILD_RUSTC_VERSION={rustc_version}");
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let text = text.trim();
+    (output.status.success() && !text.is_empty()).then(|| text.to_owned())
 }
 
 fn find_protos(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -43,8 +43,10 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Where the gRPC server listens.
     pub grpc_addr: SocketAddr,
-    /// Where the Prometheus metrics endpoint listens.
-    pub metrics_addr: SocketAddr,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens; `""` (`None`) turns it and the
+    /// metrics off.
+    #[serde(with = "optional_addr")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Serve `grpc.reflection.v1` and `v1alpha` so tools can discover the API.
     pub reflection: bool,
     /// How often the health service re-checks the database.
@@ -84,7 +86,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
-            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
             reflection: true,
             health_check_interval: Duration::from_secs(5),
             max_message_bytes: 4 * 1024 * 1024,
@@ -304,14 +306,98 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive string; `RUST_LOG` overrides it.
     pub log_level: LogFilter,
+    /// The OTLP/gRPC collector spans go to, e.g. `http://otel-collector:4317`. Empty: the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` when set, else no export.
+    pub otlp_endpoint: String,
+    /// The share of root traces (calls without a sampled parent) that are recorded; a caller's
+    /// sampling decision is followed. `OTEL_TRACES_SAMPLER` replaces this when set.
+    pub sample_ratio: f64,
+    /// How long shutdown waits for pending spans to reach the collector.
+    #[serde(with = "humantime_serde")]
+    pub flush_timeout: Duration,
+    /// Upper bounds, in seconds, of the `grpc_server_handling_seconds` histogram buckets.
+    pub latency_buckets: Vec<f64>,
 }
+
+/// Bucket bounds for a service whose median call takes well under a millisecond: fine steps from
+/// 100 us to 10 ms, then coarse ones up to the longest deadlines.
+pub const DEFAULT_LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Json,
             log_level: LogFilter("info".to_owned()),
+            otlp_endpoint: String::new(),
+            sample_ratio: 0.1,
+            flush_timeout: Duration::from_secs(5),
+            latency_buckets: DEFAULT_LATENCY_BUCKETS.to_vec(),
         }
+    }
+}
+
+impl TelemetrySettings {
+    fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(format!(
+                "telemetry.sample_ratio must be between 0 and 1, not {}",
+                self.sample_ratio
+            ));
+        }
+        let buckets = &self.latency_buckets;
+        let increasing = buckets.windows(2).all(|pair| pair[0] < pair[1]);
+        if buckets.is_empty()
+            || !increasing
+            || buckets
+                .iter()
+                .any(|bound| !bound.is_finite() || *bound <= 0.0)
+        {
+            return Err(format!(
+                "telemetry.latency_buckets must be positive seconds in increasing order, not \
+                 {buckets:?}"
+            ));
+        }
+        if !self.otlp_endpoint.is_empty() {
+            let url = url::Url::parse(&self.otlp_endpoint)
+                .map_err(|err| format!("telemetry.otlp_endpoint: {err}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint must be an http:// or https:// URL with a host, not \
+                     {:?}",
+                    self.otlp_endpoint
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `server.metrics_addr`: an address, or `""` for none.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|err| {
+            D::Error::custom(format!(
+                "{err}: expected host:port, e.g. 0.0.0.0:9090, or \"\" for none"
+            ))
+        })
     }
 }
 
@@ -493,10 +579,12 @@ impl Settings {
                 "server.health_check_interval",
                 self.server.health_check_interval,
             ),
+            ("telemetry.flush_timeout", self.telemetry.flush_timeout),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, value)| value.is_zero()) {
             return Err(format!("{key} must be longer than 0s"));
         }
+        self.telemetry.check()?;
         if self.server.max_message_bytes == 0 || self.server.max_concurrent_streams == 0 {
             return Err(
                 "server.max_message_bytes and server.max_concurrent_streams must be above 0"

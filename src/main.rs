@@ -24,15 +24,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or_default() {
         Command::Serve => {
-            telemetry::init(&settings.telemetry)?;
-            server::run(&settings).await?;
+            let telemetry = telemetry::init(&settings.telemetry)?;
+            let served = server::run(&settings).await;
+            // Whether serving ended well or not, the spans of its last calls go out.
+            telemetry.shutdown().await;
+            served?;
         }
         Command::Migrate => {
-            telemetry::init(&settings.telemetry)?;
-            let store = store::connect(&settings.database)?;
+            let telemetry = telemetry::init(&settings.telemetry)?;
+            let store = store::connect(&settings.database, &Default::default())?;
             store.migrate().await.context("migrating the database")?;
             store.close().await;
             tracing::info!("database migrations applied");
+            telemetry.shutdown().await;
         }
         Command::Healthcheck => healthcheck::check(settings.server.grpc_addr).await?,
         Command::PrintConfig => print!("{}", settings.to_redacted_toml()?),

@@ -248,7 +248,7 @@ async fn migrate_subcommand_prepares_the_database() {
     settings.database.url = format!("sqlite://{}", dir.path().join("migrated.db").display())
         .parse()
         .expect("URL");
-    let store = app::store::connect(&settings.database).expect("store");
+    let store = app::store::connect(&settings.database, &Default::default()).expect("store");
     store
         .check_ready()
         .await

@@ -28,7 +28,7 @@ fn built_in_defaults_apply_without_any_file() {
         let settings = load(None)?;
         assert_eq!(settings, Settings::default());
         assert_eq!(settings.server.grpc_addr, addr("0.0.0.0:50051"));
-        assert_eq!(settings.server.metrics_addr, addr("0.0.0.0:9090"));
+        assert_eq!(settings.server.metrics_addr, Some(addr("0.0.0.0:9090")));
         assert!(settings.server.reflection);
         assert_eq!(settings.database.url.expose(), "sqlite://orders.db");
         assert!(settings.database.migrate);
@@ -93,7 +93,7 @@ fn layers_override_in_order_defaults_file_env_file_cli_file_environment() {
         let settings = load(Some(Path::new("override.toml")))?;
         assert_eq!(settings.server.grpc_addr, addr("127.0.0.1:1001"));
         assert!(!settings.server.reflection);
-        assert_eq!(settings.server.metrics_addr, addr("127.0.0.1:2002"));
+        assert_eq!(settings.server.metrics_addr, Some(addr("127.0.0.1:2002")));
         assert_eq!(settings.service.shipment_batch_size.get(), 6);
         assert_eq!(
             settings.database.acquire_timeout,

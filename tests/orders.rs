@@ -496,6 +496,14 @@ impl OrderStore for CountingSearches {
         self.inner.check_ready().await
     }
 
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
+
+    fn pool_status(&self) -> app::store::PoolStatus {
+        self.inner.pool_status()
+    }
+
     async fn close(&self) {
         self.inner.close().await;
     }

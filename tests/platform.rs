@@ -167,7 +167,7 @@ mod database_outages {
             DatabaseUrl::from_str("postgres://postgres@127.0.0.1:1/test").expect("URL");
         settings.database.acquire_timeout = Duration::from_millis(300);
         settings.database.connect_timeout = Duration::from_millis(300);
-        let store = store::connect(&settings.database).expect("lazy store");
+        let store = store::connect(&settings.database, &Default::default()).expect("lazy store");
         assert!(store.check_ready().await.is_err());
 
         let application = Application::with_store(Arc::clone(&store), &settings)
@@ -207,6 +207,7 @@ mod database_outages {
         let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
             options.host("127.0.0.1").port(link.addr.port()),
             &settings.database,
+            &Default::default(),
         ));
         store.migrate().await.expect("migrate through the link");
         let application = Application::with_store(Arc::clone(&store), &settings)

@@ -809,6 +809,14 @@ impl OrderStore for Faulty {
     async fn close(&self) {
         self.inner.close().await;
     }
+
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
+
+    fn pool_status(&self) -> app::store::PoolStatus {
+        self.inner.pool_status()
+    }
 }
 
 async fn faulty_app(

@@ -2,12 +2,13 @@
 //! through) that `serve` and the tests both run, and the lifecycle around it: connections, readiness
 //! from the database, certificate reloads, graceful shutdown.
 
-mod access_log;
 mod body;
 mod connection;
 mod deadline;
 mod error_details;
 mod in_flight;
+mod metrics_endpoint;
+mod observe;
 mod panic_guard;
 mod rate_limit;
 
@@ -21,16 +22,15 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
 use self::{
-    access_log::AccessLog,
     connection::ConnectionOptions,
     deadline::{DeadlineLayer, DeadlineService, TimeoutTable},
     error_details::{ErrorDetails, ErrorDetailsLayer},
     in_flight::{InFlightLimit, InFlightLimitLayer},
+    observe::{Catalogue, Observe, ObserveLayer},
     panic_guard::{PanicGuard, PanicGuardLayer},
     rate_limit::{RateLimit, RateLimitLayer},
 };
 pub use self::{
-    access_log::AccessLogLayer,
     connection::{Peer, Socket},
     deadline::{Deadline, parse_grpc_timeout},
 };
@@ -41,7 +41,8 @@ use crate::{
     health::{self, WatchSettings},
     service::{self, OrderApi},
     shutdown,
-    store::{self, OrderStore},
+    store::{self, Instrumented, OrderStore},
+    telemetry::metrics::{Metrics, MetricsError},
     tls::{ServerTls, TlsError},
 };
 
@@ -57,11 +58,11 @@ fn non_zero(duration: Duration) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
 }
 
-/// Every call's path through the server, outermost first: the access log sees the final status of
-/// everything below it; load shedding refuses before any work; the deadline bounds authentication and
+/// Every call's path through the server, outermost first: the observing layer (log line, metrics,
+/// span) sees the final status of everything below it; load shedding refuses before any work; the deadline bounds authentication and
 /// the handler alike; the rate limit keys on the authenticated caller; panics become INTERNAL; and
 /// the framework's own statuses get their details before anyone logs them.
-pub type CallStack = AccessLog<
+pub type CallStack = Observe<
     InFlightLimit<DeadlineService<Authenticate<RateLimit<PanicGuard<ErrorDetails<Routes>>>>>>,
 >;
 
@@ -82,6 +83,8 @@ pub enum ServerError {
     Auth(#[from] AuthError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot set up the metrics: {0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// The complete server, ready to serve on any connection source.
@@ -93,23 +96,58 @@ pub struct Application {
     tls: Option<Arc<ServerTls>>,
     tls_reload_interval: Duration,
     connections: Arc<ConnectionOptions>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Application {
     /// Builds the server on the store that `settings.database` selects. Connects to nothing yet.
     pub async fn build(settings: &Settings) -> Result<Self, ServerError> {
-        let store = store::connect(&settings.database)?;
-        Self::with_store(store, settings).await
+        let metrics = Self::metrics_for(settings)?;
+        let instruments = metrics
+            .as_ref()
+            .map(|metrics| metrics.store_instruments())
+            .unwrap_or_default();
+        let store = store::connect(&settings.database, &instruments)?;
+        Self::new(store, settings, metrics).await
     }
 
-    /// Builds the server on a given store; the tests use it to pick an isolated database.
+    /// The metrics registry `settings` asks for: none when `server.metrics_addr` is `""`.
+    pub fn metrics_for(settings: &Settings) -> Result<Option<Arc<Metrics>>, ServerError> {
+        Ok(match settings.server.metrics_addr {
+            Some(_) => Some(Arc::new(Metrics::new(&settings.telemetry)?)),
+            None => None,
+        })
+    }
+
+    /// Builds the server on a given store, with the metrics `settings` asks for; the tests use it to
+    /// pick an isolated database.
     pub async fn with_store(
         store: Arc<dyn OrderStore>,
         settings: &Settings,
     ) -> Result<Self, ServerError> {
+        let metrics = Self::metrics_for(settings)?;
+        Self::new(store, settings, metrics).await
+    }
+
+    /// Builds the server on a given store and metrics registry (the one the store's connection
+    /// waits are recorded into).
+    pub async fn new(
+        store: Arc<dyn OrderStore>,
+        settings: &Settings,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, ServerError> {
         // `Settings::load` checks this too; settings built in code must not skip it (a certificate
         // without its key would otherwise leave TLS silently off).
         settings.check().map_err(ServerError::Config)?;
+        let instruments = metrics
+            .as_ref()
+            .map(|metrics| metrics.store_instruments())
+            .unwrap_or_default();
+        let store: Arc<dyn OrderStore> = Arc::new(Instrumented::new(store, &instruments)?);
+        if let Some(metrics) = &metrics {
+            let store = Arc::clone(&store);
+            metrics.watch_pool(move || store.pool_status());
+        }
         let limit = settings.server.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         // Nothing is ready until the database is: the watch started by `serve` flips this.
@@ -152,8 +190,9 @@ impl Application {
         let auth = AuthPolicy::new(&settings.auth, &methods, &service::method_scopes())?;
         let max_in_flight =
             usize::try_from(settings.server.max_in_flight.get()).unwrap_or(usize::MAX);
+        let catalogue = Catalogue::new(&methods, metrics.as_deref())?;
         let service = ServiceBuilder::new()
-            .layer(AccessLogLayer)
+            .layer(ObserveLayer::new(catalogue))
             .layer(InFlightLimitLayer::new(max_in_flight))
             .layer(DeadlineLayer::new(timeouts))
             .layer(AuthLayer::new(auth))
@@ -178,7 +217,13 @@ impl Application {
                 &settings.server,
                 settings.tls.handshake_timeout,
             )),
+            metrics,
         })
+    }
+
+    /// The metrics registry, when metrics are on; `run` serves it on `server.metrics_addr`.
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
     }
 
     /// The TLS configuration in service, when TLS is on; `reload` on it does what the reload timer
@@ -262,23 +307,49 @@ impl Application {
     }
 }
 
-/// The `serve` command: listens on `server.grpc_addr` until SIGINT or SIGTERM.
+/// The `serve` command: listens on `server.grpc_addr`, and serves metrics on `server.metrics_addr`,
+/// until SIGINT or SIGTERM.
 pub async fn run(settings: &Settings) -> Result<(), ServerError> {
-    let addr = settings.server.grpc_addr;
+    let (listener, local_addr) = bind(settings.server.grpc_addr).await?;
+    let application = Application::build(settings).await?;
+    for warning in exposure_warnings(settings, local_addr) {
+        tracing::warn!(addr = %local_addr, "{warning}");
+    }
+    let stop_metrics = CancellationToken::new();
+    let metrics_endpoint = match (settings.server.metrics_addr, application.metrics()) {
+        (Some(addr), Some(metrics)) => {
+            let (metrics_listener, metrics_addr) = bind(addr).await?;
+            tracing::info!(addr = %metrics_addr, "serving metrics at /metrics");
+            Some(tokio::spawn(metrics_endpoint::serve(
+                metrics_listener,
+                metrics,
+                stop_metrics.clone(),
+            )))
+        }
+        _ => None,
+    };
+    tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
+    let served = application
+        .serve_with_incoming(incoming(listener), shutdown::signal())
+        .await;
+    // Scrapes go on while the calls drain, so the last of them are counted; then the endpoint stops.
+    stop_metrics.cancel();
+    if let Some(endpoint) = metrics_endpoint
+        && let Err(err) = endpoint.await
+    {
+        tracing::error!(error = %err, "metrics endpoint task failed");
+    }
+    served
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
     let local_addr = listener
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
-    let application = Application::build(settings).await?;
-    for warning in exposure_warnings(settings, local_addr) {
-        tracing::warn!(addr = %local_addr, "{warning}");
-    }
-    tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
-    application
-        .serve_with_incoming(incoming(listener), shutdown::signal())
-        .await
+    Ok((listener, local_addr))
 }
 
 /// The connections `listener` accepts, with TCP_NODELAY set: gRPC messages are small and

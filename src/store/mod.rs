@@ -1,11 +1,12 @@
 //! Persistence: the `OrderStore` trait and its two implementations, SQLite (the embedded default) and
 //! PostgreSQL (production). Knows SQL, knows nothing of gRPC.
 
+mod instrumented;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -19,11 +20,12 @@ use crate::{
     config::{Backend, DatabaseSettings},
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     error::{Error, Result},
+    telemetry::metrics::StoreInstruments,
 };
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresStore;
-pub use self::sqlite::SqliteStore;
+pub use self::{instrumented::Instrumented, sqlite::SqliteStore};
 
 /// Orders as they are read from the database, one at a time.
 pub type OrderStream = BoxStream<'static, Result<Order>>;
@@ -81,32 +83,69 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
+
+    /// The database system, as OpenTelemetry names it (`db.system`): `sqlite`, `postgresql`.
+    fn system(&self) -> &'static str;
+
+    /// The pool's connections right now.
+    fn pool_status(&self) -> PoolStatus;
 }
 
-/// Builds the store that `settings.url` selects. Opens no connection: the pool connects on first use,
-/// so the server can start (and report NOT_SERVING) while the database is still unreachable.
-pub fn connect(settings: &DatabaseSettings) -> Result<Arc<dyn OrderStore>> {
+/// How many connections a pool holds, and how many it may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Open connections, idle or in use.
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+impl PoolStatus {
+    fn of<DB: Database>(pool: &Pool<DB>) -> Self {
+        Self {
+            size: pool.size(),
+            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+            max: pool.options().get_max_connections(),
+        }
+    }
+}
+
+/// Builds the store that `settings.url` selects, recording into `instruments`. Opens no connection:
+/// the pool connects on first use, so the server can start (and report NOT_SERVING) while the
+/// database is still unreachable.
+pub fn connect(
+    settings: &DatabaseSettings,
+    instruments: &StoreInstruments,
+) -> Result<Arc<dyn OrderStore>> {
     Ok(match settings.url.backend() {
-        Backend::Sqlite => Arc::new(SqliteStore::connect_lazy(settings)?),
+        Backend::Sqlite => Arc::new(SqliteStore::connect_lazy(settings, instruments)?),
         #[cfg(feature = "postgres")]
-        Backend::Postgres => Arc::new(PostgresStore::connect_lazy(settings)?),
+        Backend::Postgres => Arc::new(PostgresStore::connect_lazy(settings, instruments)?),
     })
 }
 
-/// Takes a connection from `pool`. However that fails (the pool timed out or is closed; the database
-/// refused the connection, reset it or cut its handshake short), this call cannot reach the database
-/// and a retry later may: it is UNAVAILABLE whatever kind of error the driver reports.
-async fn connection<DB: Database>(pool: &Pool<DB>) -> Result<PoolConnection<DB>> {
-    pool.acquire().await.map_err(Error::Unavailable)
+/// Takes a connection from `pool`, recording the wait. However that fails (the pool timed out or is
+/// closed; the database refused the connection, reset it or cut its handshake short), this call
+/// cannot reach the database and a retry later may: it is UNAVAILABLE whatever kind of error the
+/// driver reports.
+async fn connection<DB: Database>(
+    pool: &Pool<DB>,
+    instruments: &StoreInstruments,
+) -> Result<PoolConnection<DB>> {
+    let started = Instant::now();
+    let conn = pool.acquire().await.map_err(Error::Unavailable);
+    instruments.connection_wait(started.elapsed().as_secs_f64());
+    conn
 }
 
 /// Starts a transaction with `begin` (`BEGIN`, or a backend's own variant) on a connection taken as
 /// [`connection`] takes it.
 async fn transaction<DB: Database>(
     pool: &Pool<DB>,
+    instruments: &StoreInstruments,
     begin: &'static str,
 ) -> Result<Transaction<'static, DB>> {
-    let conn = connection(pool).await?;
+    let conn = connection(pool, instruments).await?;
     Ok(Transaction::begin(conn, Some(begin.into_sql_str())).await?)
 }
 

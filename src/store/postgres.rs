@@ -11,11 +11,14 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::{OrderStore, OrderStream, Page, PageCursor, ensure_schema_current, not_pending};
+use super::{
+    OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current, not_pending,
+};
 use crate::{
     config::DatabaseSettings,
     domain::{self, Order, OrderDetails, OrderId, OrderStatus, OrderUpdate, RequestId},
     error::{Error, Result},
+    telemetry::metrics::StoreInstruments,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -36,23 +39,35 @@ const INSERT_ORDER_LOCK: i64 = 0x6f72_6465_7273; // "orders"
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    instruments: StoreInstruments,
 }
 
 impl PostgresStore {
-    pub fn connect_lazy(settings: &DatabaseSettings) -> Result<Self> {
+    pub fn connect_lazy(
+        settings: &DatabaseSettings,
+        instruments: &StoreInstruments,
+    ) -> Result<Self> {
         Ok(Self::with_options(
             PgConnectOptions::from_str(settings.url.expose())?,
             settings,
+            instruments,
         ))
     }
 
     /// A store over connections made from `options`; tests use it to put each test in its own schema.
-    pub fn with_options(options: PgConnectOptions, settings: &DatabaseSettings) -> Self {
+    pub fn with_options(
+        options: PgConnectOptions,
+        settings: &DatabaseSettings,
+        instruments: &StoreInstruments,
+    ) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.get())
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options.application_name(env!("CARGO_PKG_NAME")));
-        Self { pool }
+        Self {
+            pool,
+            instruments: instruments.clone(),
+        }
     }
 }
 
@@ -64,7 +79,7 @@ impl OrderStore for PostgresStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
-        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(INSERT_ORDER_LOCK)
             .execute(&mut *tx)
@@ -112,7 +127,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = $1"))
             .bind(id.as_uuid())
             .fetch_optional(&mut *conn)
@@ -122,7 +137,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -138,12 +153,13 @@ impl OrderStore for PostgresStore {
 
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
+        let instruments = self.instruments.clone();
         let query = query.to_owned();
         // lower() folds case by the database's LC_CTYPE: all of Unicode under a UTF-8 locale (what the
         // official images and managed services default to), only ASCII under the plain C locale. Every
         // row is scanned: a large table wants pg_trgm GIN indexes, and a query shaped to use them.
         Box::pin(async_stream::try_stream! {
-            let mut conn = super::connection(&pool).await?;
+            let mut conn = super::connection(&pool, &instruments).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE strpos(lower(description), lower($1)) > 0",
@@ -159,7 +175,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn update(&self, updates: &[OrderUpdate]) -> Result<()> {
-        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
         let now = domain::now();
         for update in updates {
             let details = &update.details;
@@ -186,7 +202,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn ship(&self, ids: &[OrderId]) -> Result<Vec<Order>> {
-        let mut tx = super::transaction(&self.pool, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
         let now = domain::now();
         let mut shipped = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -215,12 +231,20 @@ impl OrderStore for PostgresStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn system(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::of(&self.pool)
     }
 }
 

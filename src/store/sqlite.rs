@@ -10,11 +10,14 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{OrderStore, OrderStream, Page, PageCursor, ensure_schema_current, not_pending};
+use super::{
+    OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current, not_pending,
+};
 use crate::{
     config::DatabaseSettings,
     domain::{self, Order, OrderDetails, OrderId, OrderStatus, OrderUpdate, RequestId},
     error::{Error, Result},
+    telemetry::metrics::StoreInstruments,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -29,10 +32,14 @@ macro_rules! columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    instruments: StoreInstruments,
 }
 
 impl SqliteStore {
-    pub fn connect_lazy(settings: &DatabaseSettings) -> Result<Self> {
+    pub fn connect_lazy(
+        settings: &DatabaseSettings,
+        instruments: &StoreInstruments,
+    ) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(settings.url.expose())?
             .create_if_missing(true)
             // WAL lets readers run while one writer commits; NORMAL is durable with WAL.
@@ -44,14 +51,17 @@ impl SqliteStore {
             .max_connections(settings.max_connections.get())
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            instruments: instruments.clone(),
+        })
     }
 
     /// Starts a transaction that holds the write lock from its first statement. A deferred
     /// transaction that reads first fails with SQLITE_BUSY instead of waiting when another writer got
     /// in between; taking the lock up front makes writers queue behind each other.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        super::transaction(&self.pool, "BEGIN IMMEDIATE").await
+        super::transaction(&self.pool, &self.instruments, "BEGIN IMMEDIATE").await
     }
 }
 
@@ -63,7 +73,7 @@ impl OrderStore for SqliteStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         let inserted: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (id, request_id, items, description, price_cents, destination,",
             " status, create_time, update_time, items_folded, description_folded)",
@@ -105,7 +115,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = ?1"))
             .bind(id.to_string())
             .fetch_optional(&mut *conn)
@@ -115,7 +125,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -131,9 +141,10 @@ impl OrderStore for SqliteStore {
 
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
+        let instruments = self.instruments.clone();
         let folded_query = query.to_lowercase();
         Box::pin(async_stream::try_stream! {
-            let mut conn = super::connection(&pool).await?;
+            let mut conn = super::connection(&pool, &instruments).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE instr(description_folded, ?1) > 0",
@@ -209,12 +220,20 @@ impl OrderStore for SqliteStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = super::connection(&self.pool).await?;
+        let mut conn = super::connection(&self.pool, &self.instruments).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn system(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::of(&self.pool)
     }
 }
 

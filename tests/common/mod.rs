@@ -14,6 +14,7 @@ use app::{
     config::{DatabaseUrl, Settings},
     server::{Application, ServerError},
     store::{OrderStore, SqliteStore},
+    telemetry::metrics::{Metrics, StoreInstruments},
 };
 use hyper_util::rt::TokioIo;
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
@@ -70,6 +71,8 @@ pub struct TestApp {
     pub health: HealthClient<Channel>,
     pub channel: Channel,
     pub store: Arc<dyn OrderStore>,
+    /// The server's metrics registry (`None` with `server.metrics_addr = ""`).
+    pub metrics: Option<Arc<Metrics>>,
     connections: Connections,
     stop: CancellationToken,
     server: Option<JoinHandle<Result<(), ServerError>>>,
@@ -130,12 +133,18 @@ impl TestApp {
     ) -> Option<Self> {
         let mut settings = test_settings();
         configure(&mut settings);
-        let (store, database) = TestDatabase::create(backend, &settings).await?;
+        // As `Application::build` does: the store records its connection waits into the metrics.
+        let metrics = Application::metrics_for(&settings).expect("metrics registry");
+        let instruments = metrics
+            .as_ref()
+            .map(|metrics| metrics.store_instruments())
+            .unwrap_or_default();
+        let (store, database) = TestDatabase::create(backend, &settings, &instruments).await?;
         if migrate_first {
             store.migrate().await.expect("migrations apply");
         }
         let store = wrap(store);
-        let application = Application::with_store(Arc::clone(&store), &settings)
+        let application = Application::new(Arc::clone(&store), &settings, metrics)
             .await
             .expect("application builds");
         Some(Self::serve(application, store, database).await)
@@ -151,6 +160,7 @@ impl TestApp {
         store: Arc<dyn OrderStore>,
         database: TestDatabase,
     ) -> Self {
+        let metrics = application.metrics();
         let (connections, incoming) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let server = tokio::spawn(application.serve_with_incoming(
@@ -164,6 +174,7 @@ impl TestApp {
             health: HealthClient::new(channel.clone()),
             channel,
             store,
+            metrics,
             connections,
             stop,
             server: Some(server),
@@ -357,7 +368,7 @@ impl TcpServer {
     ) -> Self {
         let mut settings = test_settings();
         configure(&mut settings);
-        let (store, _) = TestDatabase::create(Backend::Sqlite, &settings)
+        let (store, _) = TestDatabase::create(Backend::Sqlite, &settings, &Default::default())
             .await
             .expect("SQLite needs no configuration");
         store.migrate().await.expect("migrations apply");
@@ -646,18 +657,24 @@ impl TestDatabase {
     pub async fn create(
         backend: Backend,
         settings: &Settings,
+        instruments: &StoreInstruments,
     ) -> Option<(Arc<dyn OrderStore>, TestDatabase)> {
         match backend {
             Backend::Sqlite => {
                 let mut database = settings.database.clone();
                 database.url = DatabaseUrl::from_str("sqlite::memory:").expect("valid URL");
-                let store = SqliteStore::connect_lazy(&database).expect("SQLite store");
+                let store =
+                    SqliteStore::connect_lazy(&database, instruments).expect("SQLite store");
                 Some((Arc::new(store), TestDatabase::Ephemeral))
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
                 let (options, database) = Self::postgres_schema().await?;
-                let store = app::store::PostgresStore::with_options(options, &settings.database);
+                let store = app::store::PostgresStore::with_options(
+                    options,
+                    &settings.database,
+                    instruments,
+                );
                 Some((Arc::new(store), database))
             }
         }

@@ -1,0 +1,212 @@
+//! Traces: an OpenTelemetry tracer provider exporting over OTLP/gRPC, and W3C context propagation.
+//!
+//! Spans leave through the SDK's batch processor, on its own thread: a call only ever hands its
+//! finished span to a bounded queue, so a slow or absent collector never blocks or slows an RPC, and
+//! the exporter connects lazily, so it never fails start-up either. The SDK keeps its count of
+//! dropped spans private; [`QueueGate`] and [`CountingExporter`] count them for
+//! `otel_spans_dropped_total`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use opentelemetry::{
+    Context, KeyValue, global,
+    propagation::{TextMapCompositePropagator, TextMapPropagator},
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    propagation::{BaggagePropagator, TraceContextPropagator},
+    resource::EnvResourceDetector,
+    trace::{
+        BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+        SpanProcessor,
+    },
+};
+
+use super::{TelemetryError, metrics::DROPPED_SPANS};
+use crate::config::TelemetrySettings;
+
+/// The OTLP endpoint to export to, if any: `telemetry.otlp_endpoint`, else the standard variables.
+fn endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {
+    if !settings.otlp_endpoint.is_empty() {
+        return Some(Some(settings.otlp_endpoint.clone()));
+    }
+    // Set in the environment: the exporter reads it (and its traces-only variant) itself.
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|value| !value.is_empty()))
+    .then_some(None)
+}
+
+/// Builds the tracer provider when an endpoint is configured, and installs the W3C trace-context and
+/// baggage propagator. Must run inside the Tokio runtime, on which the exporter's channel runs.
+pub fn tracer_provider(
+    settings: &TelemetrySettings,
+) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    let Some(endpoint) = endpoint(settings) else {
+        return Ok(None);
+    };
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let exporter = exporter.build()?;
+
+    // OTEL_BSP_MAX_QUEUE_SIZE is read by the SDK too; the gate needs the same number.
+    let queue_size = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|size| size.parse().ok())
+        .unwrap_or(2048);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let processor = BatchSpanProcessor::builder(CountingExporter {
+        inner: exporter,
+        pending: Arc::clone(&pending),
+    })
+    .with_batch_config(
+        BatchConfigBuilder::default()
+            .with_max_queue_size(queue_size)
+            .build(),
+    )
+    .build();
+
+    let mut provider = SdkTracerProvider::builder()
+        .with_span_processor(QueueGate {
+            inner: processor,
+            pending,
+            capacity: queue_size,
+        })
+        .with_resource(resource());
+    // The SDK reads OTEL_TRACES_SAMPLER (and its argument) itself when no sampler is given.
+    if std::env::var("OTEL_TRACES_SAMPLER").is_err() {
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(settings.sample_ratio),
+        )));
+    }
+
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()) as Box<dyn TextMapPropagator + Send + Sync>,
+        Box::new(BaggagePropagator::new()),
+    ]));
+    Ok(Some(provider.build()))
+}
+
+/// Who is sending spans: the package and version, this process, and its pod when Kubernetes says so
+/// (`POD_NAME`/`POD_NAMESPACE` from the downward API). `OTEL_RESOURCE_ATTRIBUTES` and
+/// `OTEL_SERVICE_NAME` override any of it.
+fn resource() -> Resource {
+    let mut attributes = vec![
+        KeyValue::new("service.name", env!("CARGO_PKG_NAME")),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+    ];
+    for (variable, key) in [
+        ("POD_NAME", "k8s.pod.name"),
+        ("POD_NAMESPACE", "k8s.namespace.name"),
+    ] {
+        if let Ok(value) = std::env::var(variable)
+            && !value.is_empty()
+        {
+            attributes.push(KeyValue::new(key, value));
+        }
+    }
+    let mut resource = Resource::builder_empty()
+        .with_attributes(attributes)
+        .with_detector(Box::new(EnvResourceDetector::new()));
+    if let Ok(name) = std::env::var("OTEL_SERVICE_NAME")
+        && !name.is_empty()
+    {
+        resource = resource.with_service_name(name);
+    }
+    resource.build()
+}
+
+/// The caller's trace context and baggage from a call's metadata; empty when it sent none.
+pub fn parent_context(headers: &http::HeaderMap) -> Context {
+    if !headers.contains_key("traceparent") && !headers.contains_key("baggage") {
+        return Context::new();
+    }
+    global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    })
+}
+
+/// In front of the batch processor: refuses a span, and counts it, when the queue is full, so that
+/// the processor itself never drops one uncounted. `pending` counts spans handed on and not yet
+/// taken by the exporter, at least what the queue holds.
+#[derive(Debug)]
+struct QueueGate {
+    inner: BatchSpanProcessor,
+    pending: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl SpanProcessor for QueueGate {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            DROPPED_SPANS.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Behind the batch processor: takes spans off the gate's count as they leave the queue, and counts
+/// those whose export failed (after the exporter's own retries).
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    pending: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        self.pending.fetch_sub(spans, Ordering::AcqRel);
+        let result = self.inner.export(batch).await;
+        if result.is_err() {
+            DROPPED_SPANS
+                .export_failed
+                .fetch_add(u64::try_from(spans).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
