@@ -38,7 +38,7 @@ fn command(dir: &Path) -> Command {
     let mut command = Command::new(binary());
     command.current_dir(dir).kill_on_drop(true);
     for (name, _) in std::env::vars() {
-        if name.starts_with("APP_") || name == "RUST_LOG" {
+        if name.starts_with("APP_") || name.starts_with("OTEL_") || name == "RUST_LOG" {
             command.env_remove(name);
         }
     }
@@ -48,6 +48,8 @@ fn command(dir: &Path) -> Command {
 struct RunningServer {
     child: Child,
     addr: String,
+    /// Where `/metrics` is served, when it is.
+    metrics_addr: Option<String>,
     /// What the server logged before it started serving.
     startup: Vec<serde_json::Value>,
     log: Lines<BufReader<ChildStdout>>,
@@ -55,10 +57,17 @@ struct RunningServer {
 
 impl RunningServer {
     async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// Starts the binary with the environment variables `env` added.
+    async fn start_with(dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = command(dir)
             .arg("serve")
             .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("APP_SERVER__METRICS_ADDR", "127.0.0.1:0")
             .env("APP_SERVER__HEALTH_CHECK_INTERVAL", "100ms")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("binary starts");
@@ -77,9 +86,15 @@ impl RunningServer {
             }
             startup.push(entry);
         };
+        let metrics_addr = startup
+            .iter()
+            .find(|entry| entry["message"] == "serving metrics at /metrics")
+            .and_then(|entry| entry["addr"].as_str())
+            .map(str::to_owned);
         Self {
             child,
             addr,
+            metrics_addr,
             startup,
             log,
         }
@@ -365,4 +380,408 @@ async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
     wait_for_log(&mut server.log, "SIGHUP: nothing to reload (TLS is off)").await;
     let log = server.stop_with("TERM").await;
     assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
+}
+
+/// An OTLP collector on a loopback port: the `TraceService` of `opentelemetry-proto`, keeping every
+/// export it receives.
+mod collector {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+
+    #[derive(Clone, Default)]
+    pub struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    impl Collector {
+        /// Serves on a free loopback port until the test ends; returns the collector and its URL.
+        pub async fn start() -> (Self, String) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("address"));
+            let collector = Self::default();
+            let service = TraceServiceServer::new(collector.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (collector, url)
+        }
+
+        pub fn exports(&self) -> Vec<ExportTraceServiceRequest> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A key's value among OTLP attributes, as JSON-ish text: strings bare, numbers as digits.
+fn attribute(
+    attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+    key: &str,
+) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        Value::StringValue(text) => text.clone(),
+        Value::IntValue(number) => number.to_string(),
+        Value::BoolValue(flag) => flag.to_string(),
+        Value::DoubleValue(number) => number.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+#[tokio::test]
+async fn spans_reach_the_otlp_collector_and_the_log_lines_carry_their_ids() {
+    use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
+
+    let (collector, url) = collector::Collector::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = RunningServer::start_with(
+        dir.path(),
+        &[
+            ("APP_TELEMETRY__OTLP_ENDPOINT", &url),
+            // Root calls are never sampled: only the caller's decision records a trace.
+            ("APP_TELEMETRY__SAMPLE_RATIO", "0"),
+            // Nothing is sent before shutdown: what arrives, the shutdown flush sent.
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+            ("POD_NAME", "orders-7d9f-abcde"),
+            ("POD_NAMESPACE", "shop"),
+        ],
+    )
+    .await;
+    server.wait_until_serving().await;
+    let channel = server.channel().await;
+    let mut orders = OrderServiceClient::new(channel.clone());
+    let created = orders
+        .create_order(CreateOrderRequest {
+            order: Some(api::Order {
+                items: vec!["widget".into()],
+                destination: "Oslo".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .order
+        .expect("order");
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(GetOrderRequest {
+        id: created.id.clone(),
+    });
+    let metadata = request.metadata_mut();
+    metadata.insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01")
+            .parse()
+            .expect("ASCII"),
+    );
+    metadata.insert(
+        "authorization",
+        "Bearer not-to-be-logged".parse().expect("ASCII"),
+    );
+    orders.get_order(request).await.expect("get");
+
+    // A call nobody serves, in a sampled trace of its own: its span is an error.
+    let unknown_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unknown_trace}-b7ad6b7169203331-01")
+            .parse()
+            .expect("ASCII"),
+    );
+    let unimplemented = grpc
+        .unary::<(), (), _>(
+            request,
+            "/no.such.Service/Method".parse().expect("path"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("nobody serves it");
+    assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
+
+    let grpc_port = server
+        .addr
+        .rsplit_once(':')
+        .map(|(_, port)| port.to_owned());
+    let log = server.stop_with("TERM").await;
+    let exports = collector.exports();
+    let resource_spans: Vec<_> = exports
+        .iter()
+        .flat_map(|export| &export.resource_spans)
+        .collect();
+    let spans: Vec<_> = resource_spans
+        .iter()
+        .flat_map(|resource| &resource.scope_spans)
+        .flat_map(|scope| &scope.spans)
+        .collect();
+
+    // The resource says who sent the spans.
+    let resource = resource_spans
+        .first()
+        .and_then(|spans| spans.resource.as_ref())
+        .expect("a resource");
+    let resource_attribute = |key| attribute(&resource.attributes, key);
+    assert_eq!(
+        resource_attribute("service.name").as_deref(),
+        Some(env!("CARGO_PKG_NAME"))
+    );
+    assert_eq!(
+        resource_attribute("service.version").as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert!(resource_attribute("service.instance.id").is_some());
+    assert_eq!(
+        resource_attribute("k8s.pod.name").as_deref(),
+        Some("orders-7d9f-abcde")
+    );
+    assert_eq!(
+        resource_attribute("k8s.namespace.name").as_deref(),
+        Some("shop")
+    );
+
+    // The GetOrder span continues the caller's trace.
+    let get_name = format!("{ORDER_SERVICE_NAME}/GetOrder");
+    let rpc = spans
+        .iter()
+        .find(|span| span.name == get_name)
+        .unwrap_or_else(|| panic!("no {get_name} span among {spans:#?}"));
+    assert_eq!(rpc.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&rpc.trace_id), trace_id);
+    assert_eq!(hex(&rpc.parent_span_id), caller_span);
+    let rpc_attribute = |key| attribute(&rpc.attributes, key);
+    assert_eq!(rpc_attribute("rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(
+        rpc_attribute("rpc.service").as_deref(),
+        Some(ORDER_SERVICE_NAME)
+    );
+    assert_eq!(rpc_attribute("rpc.method").as_deref(), Some("GetOrder"));
+    assert_eq!(rpc_attribute("rpc.grpc.status_code").as_deref(), Some("0"));
+    assert_eq!(
+        rpc_attribute("server.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(rpc_attribute("server.port"), grpc_port);
+    assert_eq!(
+        rpc_attribute("network.peer.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_ne!(
+        rpc.status.as_ref().map(|status| status.code),
+        Some(StatusCode::Error as i32)
+    );
+    assert!(rpc.end_time_unix_nano >= rpc.start_time_unix_nano);
+
+    // Its database call is a CLIENT child, without the bound id.
+    let db = spans
+        .iter()
+        .find(|span| span.parent_span_id == rpc.span_id)
+        .unwrap_or_else(|| panic!("no child of the GetOrder span among {spans:#?}"));
+    assert_eq!(db.name, "SELECT orders");
+    assert_eq!(db.kind, SpanKind::Client as i32);
+    assert_eq!(db.trace_id, rpc.trace_id);
+    assert_eq!(
+        attribute(&db.attributes, "db.system").as_deref(),
+        Some("sqlite")
+    );
+    assert_eq!(
+        attribute(&db.attributes, "db.operation").as_deref(),
+        Some("SELECT")
+    );
+    assert_eq!(
+        attribute(&db.attributes, "db.collection.name").as_deref(),
+        Some("orders")
+    );
+    let exported = format!("{spans:?}");
+    assert!(
+        !exported.contains(&created.id),
+        "bound values stay out of spans"
+    );
+    assert!(!exported.contains("not-to-be-logged"));
+
+    // The call nobody serves is a server-side error span.
+    let unknown = spans
+        .iter()
+        .find(|span| hex(&span.trace_id) == unknown_trace)
+        .expect("the unknown method's span");
+    assert_eq!(
+        unknown.status.as_ref().map(|status| status.code),
+        Some(StatusCode::Error as i32)
+    );
+    assert_eq!(
+        attribute(&unknown.attributes, "rpc.grpc.status_code").as_deref(),
+        Some("12")
+    );
+
+    // The unsampled CreateOrder sent no span, but its log line still has a trace id.
+    let create_name = format!("{ORDER_SERVICE_NAME}/CreateOrder");
+    assert!(!spans.iter().any(|span| span.name == create_name));
+    let line = |method: &str| {
+        log.iter()
+            .find(|entry| entry["message"] == "rpc finished" && entry["rpc.method"] == method)
+            .unwrap_or_else(|| panic!("no log line for {method} in {log:#?}"))
+    };
+    let create_line = line("CreateOrder");
+    assert!(
+        create_line["trace_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 32 && id != "0".repeat(32)),
+        "{create_line}"
+    );
+
+    // The GetOrder line joins its span, and has the call's facts.
+    let get_line = line("GetOrder");
+    assert_eq!(get_line["trace_id"], trace_id);
+    assert_eq!(get_line["span_id"], hex(&rpc.span_id));
+    assert_eq!(get_line["level"], "INFO");
+    assert_eq!(get_line["rpc.service"], ORDER_SERVICE_NAME);
+    assert_eq!(get_line["grpc.code"], "OK");
+    assert_eq!(get_line["rpc.grpc.status_code"], 0);
+    assert!(get_line["duration_ms"].is_number());
+    assert!(
+        get_line["peer"]
+            .as_str()
+            .is_some_and(|peer| peer.starts_with("127.0.0.1:"))
+    );
+    let all_log = serde_json::to_string(&log).expect("JSON");
+    assert!(
+        !all_log.contains("not-to-be-logged"),
+        "tokens are never logged"
+    );
+    assert!(!all_log.to_lowercase().contains("authorization"));
+}
+
+#[tokio::test]
+async fn an_absent_collector_neither_fails_start_up_nor_slows_calls_nor_blocks_shutdown() {
+    // A port that was free a moment ago: nothing listens there.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = RunningServer::start_with(
+        dir.path(),
+        &[
+            ("APP_TELEMETRY__OTLP_ENDPOINT", &dead),
+            ("APP_TELEMETRY__SAMPLE_RATIO", "1"),
+            ("APP_TELEMETRY__FLUSH_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    server.wait_until_serving().await;
+    let mut orders = OrderServiceClient::new(server.channel().await);
+    for _ in 0..20 {
+        let missing = orders
+            .get_order(GetOrderRequest {
+                id: uuid::Uuid::new_v4().to_string(),
+            })
+            .await
+            .expect_err("no such order");
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+    }
+    let log = server.stop_with("TERM").await;
+    assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
+}
+
+/// `GET path` on `addr` over HTTP/1.1: the status code, the content type and the body.
+async fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_their_own_port_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = RunningServer::start(dir.path()).await;
+    server.wait_until_serving().await;
+    let metrics_addr = server
+        .metrics_addr
+        .clone()
+        .expect("metrics are served by default");
+    let mut orders = OrderServiceClient::new(server.channel().await);
+    orders
+        .get_order(GetOrderRequest { id: "bad".into() })
+        .await
+        .expect_err("invalid id");
+
+    let (status, content_type, body) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    // Prometheus 3 refuses a scrape without a valid content type.
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    let invalid = format!(
+        "grpc_server_handled_total{{grpc_code=\"InvalidArgument\",grpc_method=\"GetOrder\",grpc_service=\"{ORDER_SERVICE_NAME}\",grpc_type=\"unary\"}} 1"
+    );
+    assert!(body.lines().any(|line| line == invalid), "{body}");
+    assert!(body.contains("process_resident_memory_bytes"));
+    let (status, _, _) = http_get(&metrics_addr, "/").await;
+    assert_eq!(status, 404);
+    server.stop_with("TERM").await;
+
+    let server = RunningServer::start_with(dir.path(), &[("APP_SERVER__METRICS_ADDR", "")]).await;
+    assert!(server.metrics_addr.is_none(), "{:?}", server.startup);
+    server.wait_until_serving().await;
+    server.stop_with("TERM").await;
 }
