@@ -297,7 +297,7 @@ fn metric_names(expression: &str) -> BTreeSet<String> {
         cleaned.push(if hidden || bracket { ' ' } else { c });
     }
     // Grouping clauses (by/without/on/ignoring/group_left/group_right (...)) name labels.
-    let grouping = regex_lite_groups(&cleaned);
+    let grouping = grouping_labels(&cleaned);
     cleaned
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .filter(|word| word.starts_with(|c: char| c.is_ascii_lowercase()))
@@ -309,7 +309,7 @@ fn metric_names(expression: &str) -> BTreeSet<String> {
 }
 
 /// Words inside the parentheses after a grouping keyword.
-fn regex_lite_groups(expression: &str) -> BTreeSet<String> {
+fn grouping_labels(expression: &str) -> BTreeSet<String> {
     let mut labels = BTreeSet::new();
     for keyword in [
         "by",
@@ -326,14 +326,15 @@ fn regex_lite_groups(expression: &str) -> BTreeSet<String> {
                 .chars()
                 .last()
                 .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-            if boundary_before && let Some(open) = after.trim_start().strip_prefix('(') {
-                if let Some(close) = open.find(')') {
-                    labels.extend(
-                        open[..close]
-                            .split(',')
-                            .map(|label| label.trim().to_owned()),
-                    );
-                }
+            if boundary_before
+                && let Some(open) = after.trim_start().strip_prefix('(')
+                && let Some(close) = open.find(')')
+            {
+                labels.extend(
+                    open[..close]
+                        .split(',')
+                        .map(|label| label.trim().to_owned()),
+                );
             }
             rest = after;
         }

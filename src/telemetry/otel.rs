@@ -144,13 +144,13 @@ pub fn parent_context(headers: &http::HeaderMap) -> Context {
 /// the processor itself never drops one uncounted. `pending` counts spans handed on and not yet
 /// taken by the exporter, at least what the queue holds.
 #[derive(Debug)]
-struct QueueGate {
-    inner: BatchSpanProcessor,
+struct QueueGate<P = BatchSpanProcessor> {
+    inner: P,
     pending: Arc<AtomicUsize>,
     capacity: usize,
 }
 
-impl SpanProcessor for QueueGate {
+impl<P: SpanProcessor> SpanProcessor for QueueGate<P> {
     fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
         self.inner.on_start(span, cx);
     }
@@ -208,5 +208,90 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures::executor::block_on;
+    use opentelemetry::trace::{Tracer, TracerProvider as _};
+    use opentelemetry_sdk::{
+        error::OTelSdkError,
+        trace::{InMemorySpanExporter, SimpleSpanProcessor},
+    };
+
+    use super::*;
+
+    /// Spans refused by a full queue are counted, and handed on again once the exporter takes some.
+    #[test]
+    fn a_full_queue_drops_and_counts_spans() {
+        let exporter = InMemorySpanExporter::default();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(QueueGate {
+                inner: SimpleSpanProcessor::new(exporter.clone()),
+                pending: Arc::clone(&pending),
+                capacity: 2,
+            })
+            .build();
+        let tracer = provider.tracer("test");
+        let before = DROPPED_SPANS.queue_full.load(Ordering::Relaxed);
+        for _ in 0..5 {
+            tracer.in_span("call", |_| {});
+        }
+        // Nothing took spans off the gate's count: two passed, three were refused.
+        assert_eq!(
+            exporter.get_finished_spans().map(|spans| spans.len()).ok(),
+            Some(2)
+        );
+        assert!(DROPPED_SPANS.queue_full.load(Ordering::Relaxed) - before >= 3);
+        pending.store(0, Ordering::Release);
+        tracer.in_span("call", |_| {});
+        assert_eq!(
+            exporter.get_finished_spans().map(|spans| spans.len()).ok(),
+            Some(3)
+        );
+    }
+
+    /// An exporter that fails every batch.
+    #[derive(Debug, Default)]
+    struct Failing(Mutex<usize>);
+
+    impl SpanExporter for Failing {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) += batch.len();
+            Err(OTelSdkError::InternalFailure(
+                "collector unreachable".to_owned(),
+            ))
+        }
+    }
+
+    #[test]
+    fn failed_exports_are_counted_and_leave_the_queue() {
+        let pending = Arc::new(AtomicUsize::new(3));
+        let exporter = CountingExporter {
+            inner: Failing::default(),
+            pending: Arc::clone(&pending),
+        };
+        let before = DROPPED_SPANS.export_failed.load(Ordering::Relaxed);
+        let spans = {
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let tracer = provider.tracer("test");
+            for _ in 0..3 {
+                tracer.in_span("call", |_| {});
+            }
+            exporter.get_finished_spans().expect("spans")
+        };
+        assert!(block_on(exporter.export(spans)).is_err());
+        assert_eq!(pending.load(Ordering::Acquire), 0);
+        assert!(DROPPED_SPANS.export_failed.load(Ordering::Relaxed) - before >= 3);
     }
 }
