@@ -363,10 +363,12 @@ impl TelemetrySettings {
         if !self.otlp_endpoint.is_empty() {
             let url = url::Url::parse(&self.otlp_endpoint)
                 .map_err(|err| format!("telemetry.otlp_endpoint: {err}"))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            // The exporter is built without TLS: spans go to a collector beside the service (a
+            // sidecar, a node agent, or across a mesh that encrypts), as OpenTelemetry deployments do.
+            if url.scheme() != "http" || url.host().is_none() {
                 return Err(format!(
-                    "telemetry.otlp_endpoint must be an http:// or https:// URL with a host, not \
-                     {:?}",
+                    "telemetry.otlp_endpoint must be an http:// URL with a host (OTLP over TLS is not \
+                     built in: send to a local collector), not {:?}",
                     self.otlp_endpoint
                 ));
             }

@@ -233,6 +233,7 @@ async fn database_pool_and_build_metrics_are_exported(backend: Backend) {
             .contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
     );
     assert_eq!(*build_info.1, 1.0);
+    #[cfg(target_os = "linux")]
     for process in [
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",

@@ -87,6 +87,7 @@ pub struct Metrics {
     pool_usage: IntGaugeVec,
     pool_max: IntGauge,
     dropped_spans: IntCounterVec,
+    leveling: std::sync::Mutex<()>,
     /// Where the pool gauges are read at each scrape; set once the store is known.
     pool: OnceLock<Arc<dyn Fn() -> PoolStatus + Send + Sync>>,
 }
@@ -197,6 +198,7 @@ impl Metrics {
                  the export failed.",
                 &["reason"],
             )?,
+            leveling: std::sync::Mutex::new(()),
             pool: OnceLock::new(),
             registry,
         };
@@ -276,6 +278,11 @@ impl Metrics {
                 .set(i64::from(status.size.saturating_sub(status.idle)));
             self.pool_max.set(i64::from(status.max));
         }
+        // One scrape at a time brings the counters level: two at once would both add the gap.
+        let _level = self
+            .leveling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (reason, total) in [
             ("queue_full", &DROPPED_SPANS.queue_full),
             ("export_failed", &DROPPED_SPANS.export_failed),

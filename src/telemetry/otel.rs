@@ -30,7 +30,7 @@ use opentelemetry_sdk::{
     },
 };
 
-use super::{TelemetryError, metrics::DROPPED_SPANS};
+use super::metrics::DROPPED_SPANS;
 use crate::config::TelemetrySettings;
 
 /// The OTLP endpoint to export to, if any: `telemetry.otlp_endpoint`, else the standard variables.
@@ -50,17 +50,22 @@ fn endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {
 
 /// Builds the tracer provider when an endpoint is configured, and installs the W3C trace-context and
 /// baggage propagator. Must run inside the Tokio runtime, on which the exporter's channel runs.
-pub fn tracer_provider(
-    settings: &TelemetrySettings,
-) -> Result<Option<SdkTracerProvider>, TelemetryError> {
-    let Some(endpoint) = endpoint(settings) else {
-        return Ok(None);
-    };
+pub fn tracer_provider(settings: &TelemetrySettings) -> Option<SdkTracerProvider> {
+    let endpoint = endpoint(settings)?;
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     if let Some(endpoint) = endpoint {
         exporter = exporter.with_endpoint(endpoint);
     }
-    let exporter = exporter.build()?;
+    // Only the environment's endpoint can fail here (the configured one is checked with the rest of
+    // the settings): a collector problem never stops the service, it runs without traces.
+    let exporter = match exporter.build() {
+        Ok(exporter) => exporter,
+        Err(err) => {
+            // On stderr: the log subscriber is not installed yet.
+            eprintln!("warning: traces are not exported: {err}");
+            return None;
+        }
+    };
 
     // OTEL_BSP_MAX_QUEUE_SIZE is read by the SDK too; the gate needs the same number.
     let queue_size = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
@@ -87,7 +92,9 @@ pub fn tracer_provider(
         })
         .with_resource(resource());
     // The SDK reads OTEL_TRACES_SAMPLER (and its argument) itself when no sampler is given.
-    if std::env::var("OTEL_TRACES_SAMPLER").is_err() {
+    if std::env::var("OTEL_TRACES_SAMPLER").is_ok_and(|sampler| !sampler.is_empty()) {
+        // Given: the SDK's default configuration has read it.
+    } else {
         provider = provider.with_sampler(Sampler::ParentBased(Box::new(
             Sampler::TraceIdRatioBased(settings.sample_ratio),
         )));
@@ -97,7 +104,7 @@ pub fn tracer_provider(
         Box::new(TraceContextPropagator::new()) as Box<dyn TextMapPropagator + Send + Sync>,
         Box::new(BaggagePropagator::new()),
     ]));
-    Ok(Some(provider.build()))
+    Some(provider.build())
 }
 
 /// Who is sending spans: the package and version, this process, and its pod when Kubernetes says so
