@@ -36,6 +36,7 @@ use crate::{
     api::{Method, MethodKind},
     auth::Subject,
     telemetry::{
+        self, CALL_SPAN_TARGET, CallIds,
         metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
         otel,
     },
@@ -190,6 +191,7 @@ where
 fn rpc_span<B>(observed: &Observed, request: &http::Request<B>, peer: Option<SocketAddr>) -> Span {
     let uri = request.uri();
     let span = tracing::info_span!(
+        target: CALL_SPAN_TARGET,
         parent: None,
         "rpc",
         otel.name = &*observed.full_name,
@@ -211,16 +213,26 @@ fn rpc_span<B>(observed: &Observed, request: &http::Request<B>, peer: Option<Soc
     span
 }
 
-/// The trace and span id of `span`, for the log line, sampled or not; `None` when spans are off.
+/// The trace and span id of `span`, sampled or not, kept on the span for the lines logged inside the
+/// call; `None` when spans are off.
 fn trace_ids(span: &Span) -> Option<(TraceId, SpanId)> {
     if span.is_disabled() {
         return None;
     }
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    span_context
-        .is_valid()
-        .then(|| (span_context.trace_id(), span_context.span_id()))
+    if !span_context.is_valid() {
+        return None;
+    }
+    let ids = (span_context.trace_id(), span_context.span_id());
+    telemetry::keep_call_ids(
+        span,
+        CallIds {
+            trace_id: ids.0,
+            span_id: ids.1,
+        },
+    );
+    Some(ids)
 }
 
 pin_project! {

@@ -2,22 +2,25 @@
 //! for local development) and, when an OTLP endpoint is configured, turns this crate's spans into
 //! OpenTelemetry spans ([`otel`]); and the Prometheus metrics ([`metrics`]).
 //!
-//! The log layer sees events only, never spans: formatting a span's fields on every call would cost
-//! each RPC for nothing, since the one line per RPC carries its facts, trace and span id as fields.
+//! The log layer sees events, and (when traces are exported, in JSON) the calls' spans, whose fields it
+//! never formats: a log line needs only the span's trace and span id, which [`JsonWithCallIds`] adds
+//! to every line written inside a call, so that an error logged deep in a call joins its trace.
 
 pub mod metrics;
 pub mod otel;
 
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing::level_filters::LevelFilter;
+use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
 use tracing_subscriber::{
-    EnvFilter, Layer,
-    filter::{FilterExt, Targets, filter_fn},
-    fmt,
-    layer::SubscriberExt,
+    EnvFilter, Layer, Registry,
+    field::RecordFields,
+    filter::{FilterExt, Targets},
+    fmt::{self, FmtContext, FormatEvent, FormatFields, MakeWriter, format::Writer},
+    layer::{self, SubscriberExt},
+    registry::LookupSpan,
 };
 
 use crate::config::{LogFormat, TelemetrySettings};
@@ -67,19 +70,14 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     use tracing_subscriber::util::SubscriberInitExt;
 
     let tracer_provider = otel::tracer_provider(settings);
-    let log_filter = EnvFilter::builder()
-        .parse(settings.log_level.as_str())?
-        .and(filter_fn(|metadata| metadata.is_event()));
+    let log_filter = EnvFilter::builder().parse(settings.log_level.as_str())?;
     let log_layer = match settings.log_format {
-        LogFormat::Json => fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+        LogFormat::Json => json_log_layer(std::io::stdout, log_filter, tracer_provider.is_some()),
+        LogFormat::Pretty => fmt::layer()
+            .pretty()
+            .with_filter(log_filter.and(Events))
             .boxed(),
-        LogFormat::Pretty => fmt::layer().pretty().boxed(),
-    }
-    .with_filter(log_filter);
+    };
     // The spans of this crate (calls and their database operations) and the events inside them;
     // not those of the libraries below, and never the exporter's own (it would trace itself).
     let span_layer = tracer_provider.as_ref().map(|provider| {
@@ -101,6 +99,142 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         tracer_provider,
         flush_timeout: settings.flush_timeout,
     })
+}
+
+/// JSON lines to `writer`: the events `filter` lets through, with their call's ids when `call_ids`
+/// (traces are exported, so calls have spans and ids).
+fn json_log_layer<W>(
+    writer: W,
+    filter: EnvFilter,
+    call_ids: bool,
+) -> Box<dyn Layer<Registry> + Send + Sync>
+where
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
+    fmt::layer()
+        .with_writer(writer)
+        .fmt_fields(NoSpanFields)
+        .event_format(JsonWithCallIds(
+            fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false),
+        ))
+        .with_filter(filter.and(Events).or(CallSpans { wanted: call_ids }))
+        .boxed()
+}
+
+/// The target of every call's span (`server::observe`), by which the log layer finds it.
+pub const CALL_SPAN_TARGET: &str = "app::rpc";
+
+/// The trace and span id of a call, kept on its span for the log lines written inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct CallIds {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+}
+
+/// Keeps `ids` on `span` (a call's span, registered with the global subscriber) for the log lines
+/// written inside it.
+pub fn keep_call_ids(span: &tracing::Span, ids: CallIds) {
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(span) = dispatch
+            .downcast_ref::<Registry>()
+            .and_then(|registry| registry.span(id))
+        {
+            span.extensions_mut().insert(ids);
+        }
+    });
+}
+
+/// Events, by callsite, so the decision is made once per callsite rather than once per event.
+struct Events;
+
+impl<S> layer::Filter<S> for Events {
+    fn enabled(&self, metadata: &Metadata<'_>, _: &layer::Context<'_, S>) -> bool {
+        metadata.is_event()
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        if metadata.is_event() {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+}
+
+/// The calls' spans, when they exist (traces are exported): the log layer reads their ids.
+struct CallSpans {
+    wanted: bool,
+}
+
+impl CallSpans {
+    fn matches(&self, metadata: &Metadata<'_>) -> bool {
+        self.wanted && metadata.is_span() && metadata.target() == CALL_SPAN_TARGET
+    }
+}
+
+impl<S> layer::Filter<S> for CallSpans {
+    fn enabled(&self, metadata: &Metadata<'_>, _: &layer::Context<'_, S>) -> bool {
+        self.matches(metadata)
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        if self.matches(metadata) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+}
+
+/// Span fields are not part of a JSON line (the line has its call's ids instead): nothing is
+/// formatted when a span starts.
+struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: RecordFields>(&self, _: Writer<'writer>, _: R) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+/// tracing-subscriber's JSON lines, with the `trace_id` and `span_id` of the call an event was
+/// written in. Written by hand: the JSON formatter can show a span's fields, nested, but not the
+/// OpenTelemetry ids, which are not fields.
+struct JsonWithCallIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for JsonWithCallIds<F>
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+    N: for<'writer> FormatFields<'writer> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = ctx.event_scope().and_then(|mut scope| {
+            scope.find_map(|span| span.extensions().get::<CallIds>().copied())
+        });
+        let Some(ids) = ids else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        // One JSON object and a newline: the ids go in before the closing brace.
+        match line.trim_end().strip_suffix('}') {
+            Some(object) => writeln!(
+                writer,
+                r#"{object},"trace_id":"{}","span_id":"{}"}}"#,
+                ids.trace_id, ids.span_id
+            ),
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// Panics are logged at ERROR with their message and location, as one event that collectors index,
@@ -150,7 +284,7 @@ pub(crate) mod test_support {
             .collect()
     }
 
-    struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+    pub struct SharedWriter(pub Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for SharedWriter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -169,7 +303,75 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
     use super::*;
+
+    #[test]
+    fn lines_written_inside_a_call_carry_its_trace_and_span_id() {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let buffer = Arc::clone(&buffer);
+            move || test_support::SharedWriter(Arc::clone(&buffer))
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(InMemorySpanExporter::default())
+            .build();
+        let subscriber = Registry::default()
+            .with(json_log_layer(writer, EnvFilter::new("info"), true))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let ids = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside any call");
+            let call = tracing::info_span!(target: CALL_SPAN_TARGET, parent: None, "rpc");
+            let context = call.context();
+            let span_context = context.span().span_context().clone();
+            let ids = CallIds {
+                trace_id: span_context.trace_id(),
+                span_id: span_context.span_id(),
+            };
+            keep_call_ids(&call, ids);
+            call.in_scope(|| {
+                tracing::warn!(answer = 42, "inside the call");
+                tracing::info_span!("db").in_scope(|| tracing::error!("inside a child span"));
+                tracing::info!(parent: None, "a summary with ids of its own");
+            });
+            ids
+        });
+        let text = String::from_utf8(
+            buffer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+        .expect("UTF-8");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is one JSON object"))
+            .collect();
+        let trace_id = ids.trace_id.to_string();
+        let span_id = ids.span_id.to_string();
+        let ids_of = |line: &serde_json::Value| (line["trace_id"].clone(), line["span_id"].clone());
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            ids_of(&lines[0]),
+            (serde_json::Value::Null, serde_json::Value::Null)
+        );
+        assert_eq!(lines[1]["answer"], 42);
+        assert_eq!(lines[1]["message"], "inside the call");
+        for line in &lines[1..3] {
+            assert_eq!(
+                ids_of(line),
+                (trace_id.clone().into(), span_id.clone().into()),
+                "{line}"
+            );
+        }
+        // An explicit root is not inside the call, even while its span is entered.
+        assert_eq!(lines[3]["trace_id"], serde_json::Value::Null);
+    }
 
     #[test]
     fn panics_are_logged_at_error_with_their_message_and_location() {
