@@ -7,6 +7,7 @@
 # Needs: h2load (Debian nghttp2-client), `npm install` (buf), and
 #   cargo build --release --bins --examples
 # Usage: scripts/bench-observability.sh [rounds]   (REQUESTS=100000 CONNECTIONS=16 STREAMS=8)
+# MODES="off logs metrics traces on" also measures each part on its own (default: "off on").
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,14 +54,28 @@ start() {
   exit 1
 }
 
+modes=${MODES:-off on}
 metrics_port=$(free_port)
-start off APP_SERVER__METRICS_ADDR= APP_TELEMETRY__LOG_LEVEL=off
-start on APP_SERVER__METRICS_ADDR="127.0.0.1:$metrics_port" APP_TELEMETRY__LOG_LEVEL=info \
-  APP_TELEMETRY__LOG_FORMAT=json APP_TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" \
-  APP_TELEMETRY__SAMPLE_RATIO=0.1
+logs=(APP_TELEMETRY__LOG_LEVEL=info APP_TELEMETRY__LOG_FORMAT=json)
+no_logs=(APP_TELEMETRY__LOG_LEVEL=off)
+metrics=(APP_SERVER__METRICS_ADDR="127.0.0.1:$metrics_port")
+no_metrics=(APP_SERVER__METRICS_ADDR=)
+traces=(APP_TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" APP_TELEMETRY__SAMPLE_RATIO=0.1)
+for mode in $modes; do
+  case $mode in
+    off) start off "${no_logs[@]}" "${no_metrics[@]}" ;;
+    logs) start logs "${logs[@]}" "${no_metrics[@]}" ;;
+    metrics) start metrics "${no_logs[@]}" APP_SERVER__METRICS_ADDR="127.0.0.1:$(free_port)" ;;
+    traces) start traces "${no_logs[@]}" "${no_metrics[@]}" "${traces[@]}" ;;
+    on) start on "${logs[@]}" "${metrics[@]}" "${traces[@]}" ;;
+    *) echo "bench: unknown mode $mode" >&2; exit 1 ;;
+  esac
+done
 
 # The API service is the one that is not part of gRPC; one order in each database to read back.
-api=$(call --list-services "http://127.0.0.1:$on_port" | grep -v '^grpc\.')
+first=${modes%% *}
+port_var="${first}_port"
+api=$(call --list-services "http://127.0.0.1:${!port_var}" | grep -v '^grpc\.')
 frame() {
   local port=$1 id
   id=$(call -d '{"order": {"items": ["widget"], "price_cents": 1250, "destination": "Oslo"}}' \
@@ -72,15 +87,17 @@ body = b"\x0a" + bytes([len(sys.argv[1])]) + sys.argv[1].encode()
 open(sys.argv[2], "wb").write(b"\x00" + struct.pack(">I", len(body)) + body)
 PY
 }
-frame "$off_port"
-frame "$on_port"
+for mode in $modes; do
+  port_var="${mode}_port"
+  frame "${!port_var}"
+done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
 
 printf '%-6s %-4s %12s %14s\n' round mode "calls/s" "CPU us/call"
 for round in $(seq "$rounds"); do
-  for mode in off on; do
+  for mode in $modes; do
     port_var="${mode}_port" pid_var="${mode}_pid"
     port=${!port_var} pid=${!pid_var}
     before=$(cpu_ticks "$pid")
@@ -97,12 +114,14 @@ done
 
 # h2load counts a gRPC error as a success (the status is in the trailers): the server's own count
 # says whether the calls were answered OK.
-ok=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
-  grep -F "grpc_code=\"OK\",grpc_method=\"GetOrder\"" | awk '{print $2}')
-echo "on: GetOrder answered OK $ok times (expected $((rounds * requests)))"
-kill -TERM "$on_pid"
-wait "$on_pid" || true
-echo "on: $(grep -c '"rpc finished"' "$work/on/log") log lines"
+if [[ " $modes " == *" on "* ]]; then
+  ok=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
+    grep -F "grpc_code=\"OK\",grpc_method=\"GetOrder\"" | awk '{print $2}')
+  echo "on: GetOrder answered OK $ok times (expected $((rounds * requests)))"
+  kill -TERM "$on_pid"
+  wait "$on_pid" || true
+  echo "on: $(grep -c '"rpc finished"' "$work/on/log") log lines"
+fi
 kill -TERM "${pids[0]}"
 wait "${pids[0]}" || true
 cat "$work/sink.out"

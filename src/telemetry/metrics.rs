@@ -74,6 +74,15 @@ pub static DROPPED_SPANS: DroppedSpans = DroppedSpans {
     export_failed: std::sync::atomic::AtomicU64::new(0),
 };
 
+/// Log lines the writer thread dropped because its queue was full; set once by `telemetry::init`.
+static DROPPED_LOG_LINES: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Makes every registry report `counter` as `log_lines_dropped_total`.
+pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    // Set once per process, by the one `telemetry::init`.
+    let _ = DROPPED_LOG_LINES.set(counter);
+}
+
 /// One server's metrics registry and the families in it.
 pub struct Metrics {
     registry: Registry,
@@ -87,6 +96,7 @@ pub struct Metrics {
     pool_usage: IntGaugeVec,
     pool_max: IntGauge,
     dropped_spans: IntCounterVec,
+    dropped_log_lines: IntCounter,
     leveling: std::sync::Mutex<()>,
     /// Where the pool gauges are read at each scrape; set once the store is known.
     pool: OnceLock<Arc<dyn Fn() -> PoolStatus + Send + Sync>>,
@@ -198,6 +208,14 @@ impl Metrics {
                  the export failed.",
                 &["reason"],
             )?,
+            dropped_log_lines: {
+                let counter = IntCounter::new(
+                    "log_lines_dropped_total",
+                    "Log lines dropped because the log writer's queue was full (stdout too slow).",
+                )?;
+                registry.register(Box::new(counter.clone()))?;
+                counter
+            },
             leveling: std::sync::Mutex::new(()),
             pool: OnceLock::new(),
             registry,
@@ -290,6 +308,11 @@ impl Metrics {
             let counter = self.dropped_spans.get_metric_with_label_values(&[reason])?;
             let total = total.load(std::sync::atomic::Ordering::Relaxed);
             counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        if let Some(dropped) = DROPPED_LOG_LINES.get() {
+            let total = u64::try_from(dropped.dropped_lines()).unwrap_or(u64::MAX);
+            self.dropped_log_lines
+                .inc_by(total.saturating_sub(self.dropped_log_lines.get()));
         }
         let mut text = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;

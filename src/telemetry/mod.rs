@@ -14,6 +14,7 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, Registry,
     field::RecordFields,
@@ -38,6 +39,8 @@ pub enum TelemetryError {
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
     flush_timeout: Duration,
+    /// Writes the log lines still queued when dropped.
+    _log_writer: WorkerGuard,
 }
 
 impl Telemetry {
@@ -46,7 +49,8 @@ impl Telemetry {
         self.tracer_provider.is_some()
     }
 
-    /// Sends the spans still queued, waiting at most `telemetry.flush_timeout`.
+    /// Sends the spans still queued, waiting at most `telemetry.flush_timeout`, then writes the log
+    /// lines still queued.
     pub async fn shutdown(self) {
         let Some(provider) = self.tracer_provider else {
             return;
@@ -71,33 +75,47 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
 
     let tracer_provider = otel::tracer_provider(settings);
     let log_filter = EnvFilter::builder().parse(settings.log_level.as_str())?;
+    // Lines go through a bounded queue to a writer thread, which writes them to stdout in batches: a
+    // call never waits for the log pipe (a slow reader of it drops lines, counted in
+    // `log_lines_dropped_total`, rather than slowing every call).
+    let (log_writer, log_writer_guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stdout()));
+    metrics::count_dropped_log_lines(log_writer.error_counter());
     let log_layer = match settings.log_format {
-        LogFormat::Json => json_log_layer(std::io::stdout, log_filter, tracer_provider.is_some()),
+        LogFormat::Json => json_log_layer(log_writer, log_filter, tracer_provider.is_some()),
         LogFormat::Pretty => fmt::layer()
             .pretty()
+            .with_writer(log_writer)
             .with_filter(log_filter.and(Events))
             .boxed(),
     };
-    // The spans of this crate (calls and their database operations) and the events inside them;
-    // not those of the libraries below, and never the exporter's own (it would trace itself).
-    let span_layer = tracer_provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_target(false)
-            .with_filter(Targets::new().with_target("app", LevelFilter::INFO))
-    });
-    tracing_subscriber::registry()
-        .with(log_layer)
-        .with(span_layer)
-        .try_init()?;
+    // A `Vec` of layers, not an `Option` layer: `None` counts as a layer interested in everything,
+    // which would make every span of every crate live (and cost) with traces off.
+    let mut layers = vec![log_layer];
+    if let Some(provider) = &tracer_provider {
+        // The spans of this crate (calls and their database operations) and the events inside
+        // them; not those of the libraries below, and never the exporter's own (it would trace
+        // itself).
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
+                .with_target(false)
+                .with_filter(Targets::new().with_target("app", LevelFilter::INFO))
+                .boxed(),
+        );
+    }
+    tracing_subscriber::registry().with(layers).try_init()?;
     log_panics();
     Ok(Telemetry {
         tracer_provider,
         flush_timeout: settings.flush_timeout,
+        _log_writer: log_writer_guard,
     })
 }
 
