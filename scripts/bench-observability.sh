@@ -7,7 +7,8 @@
 # Needs: h2load (Debian nghttp2-client), `npm install` (buf), and
 #   cargo build --release --bins --examples
 # Usage: scripts/bench-observability.sh [rounds]   (REQUESTS=100000 CONNECTIONS=16 STREAMS=8)
-# MODES="off logs metrics traces on" also measures each part on its own (default: "off on").
+# MODES="off logs metrics traces on" also measures each part on its own (default: "off on");
+# SAMPLE_RATIO (default 0.1) sets the traced modes' telemetry.sample_ratio.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,7 +61,7 @@ logs=(APP_TELEMETRY__LOG_LEVEL=info APP_TELEMETRY__LOG_FORMAT=json)
 no_logs=(APP_TELEMETRY__LOG_LEVEL=off)
 metrics=(APP_SERVER__METRICS_ADDR="127.0.0.1:$metrics_port")
 no_metrics=(APP_SERVER__METRICS_ADDR=)
-traces=(APP_TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" APP_TELEMETRY__SAMPLE_RATIO=0.1)
+traces=(APP_TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" APP_TELEMETRY__SAMPLE_RATIO="${SAMPLE_RATIO:-0.1}")
 for mode in $modes; do
   case $mode in
     off) start off "${no_logs[@]}" "${no_metrics[@]}" ;;

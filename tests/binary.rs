@@ -650,6 +650,17 @@ async fn spans_reach_the_otlp_collector_and_the_log_lines_carry_their_ids() {
         Some("12")
     );
 
+    // Only the two sampled calls sent spans: no database span of an unsampled call went out as a
+    // trace of its own.
+    for span in &spans {
+        let trace = hex(&span.trace_id);
+        assert!(
+            trace == trace_id || trace == unknown_trace,
+            "{} in {trace}",
+            span.name
+        );
+    }
+
     // The unsampled CreateOrder sent no span, but its log line still has a trace id.
     let create_name = format!("{ORDER_SERVICE_NAME}/CreateOrder");
     assert!(!spans.iter().any(|span| span.name == create_name));
@@ -786,4 +797,97 @@ async fn metrics_are_served_on_their_own_port_and_can_be_turned_off() {
     assert!(server.metrics_addr.is_none(), "{:?}", server.startup);
     server.wait_until_serving().await;
     server.stop_with("TERM").await;
+}
+
+#[tokio::test]
+async fn the_standard_otel_variables_are_honoured_and_a_stream_span_lasts_to_its_last_message() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+    let (collector, url) = collector::Collector::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = RunningServer::start_with(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
+            ("OTEL_SERVICE_NAME", "renamed-by-otel"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=ci"),
+            // Replaces telemetry.sample_ratio: every root call is traced.
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+            ("APP_TELEMETRY__SAMPLE_RATIO", "0"),
+        ],
+    )
+    .await;
+    server.wait_until_serving().await;
+    let mut orders = OrderServiceClient::new(server.channel().await);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let created = orders
+            .create_order(CreateOrderRequest {
+                order: Some(api::Order {
+                    items: vec!["widget".into()],
+                    destination: "Oslo".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .order
+            .expect("order");
+        ids.push(created.id);
+    }
+    // A bidi stream whose requests arrive 150 ms apart: it lasts at least 300 ms, though its
+    // response headers left at once.
+    let requests = async_stream::stream! {
+        for (position, id) in ids.into_iter().enumerate() {
+            if position > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            }
+            yield api::ProcessOrdersRequest { order_id: id };
+        }
+    };
+    let shipments = orders
+        .process_orders(requests)
+        .await
+        .expect("processing starts")
+        .into_inner();
+    let shipments: Vec<_> = futures::StreamExt::collect::<Vec<_>>(shipments).await;
+    assert_eq!(shipments.len(), 1, "{shipments:?}");
+    server.stop_with("TERM").await;
+
+    let exports = collector.exports();
+    let resource = exports
+        .iter()
+        .flat_map(|export| &export.resource_spans)
+        .find_map(|spans| spans.resource.as_ref())
+        .expect("a resource");
+    assert_eq!(
+        attribute(&resource.attributes, "service.name").as_deref(),
+        Some("renamed-by-otel")
+    );
+    assert_eq!(
+        attribute(&resource.attributes, "deployment.environment.name").as_deref(),
+        Some("ci")
+    );
+    let spans: Vec<_> = exports
+        .iter()
+        .flat_map(|export| &export.resource_spans)
+        .flat_map(|resource| &resource.scope_spans)
+        .flat_map(|scope| &scope.spans)
+        .collect();
+    let create_name = format!("{ORDER_SERVICE_NAME}/CreateOrder");
+    assert_eq!(
+        spans.iter().filter(|span| span.name == create_name).count(),
+        3,
+        "root calls sampled by OTEL_TRACES_SAMPLER"
+    );
+    let process_name = format!("{ORDER_SERVICE_NAME}/ProcessOrders");
+    let process = spans
+        .iter()
+        .find(|span| span.name == process_name)
+        .expect("the ProcessOrders span");
+    assert_eq!(process.kind, SpanKind::Server as i32);
+    let lasted = process.end_time_unix_nano - process.start_time_unix_nano;
+    assert!(lasted >= 300_000_000, "the span lasted {lasted} ns");
 }

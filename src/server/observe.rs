@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
+use opentelemetry::trace::TraceContextExt;
 use pin_project_lite::pin_project;
 use tonic::Code;
 use tower::{Layer, Service};
@@ -36,9 +36,9 @@ use crate::{
     api::{Method, MethodKind},
     auth::Subject,
     telemetry::{
-        self, CALL_SPAN_TARGET, CallIds,
+        self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
         metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
-        otel,
+        otel::{self, CallSampling},
     },
     tls::ClientIdentity,
 };
@@ -149,8 +149,7 @@ where
             .extensions()
             .get::<Peer>()
             .and_then(|peer| peer.addr);
-        let span = rpc_span(&observed, &request, peer);
-        let ids = trace_ids(&span);
+        let (span, ids) = rpc_span(&observed, &request, peer);
         if let Some(metrics) = &observed.metrics {
             metrics.started();
         }
@@ -186,9 +185,24 @@ where
     }
 }
 
-/// The call's SERVER span, a child of the caller's when its metadata carries a W3C `traceparent`,
-/// with the OpenTelemetry RPC conventions' attributes. Disabled (free) when spans are not exported.
-fn rpc_span<B>(observed: &Observed, request: &http::Request<B>, peer: Option<SocketAddr>) -> Span {
+/// The call's span and its trace and span id for the log. A sampled call gets a SERVER span, a
+/// child of the caller's when its metadata carries a W3C `traceparent`, with the OpenTelemetry RPC
+/// conventions' attributes. An unsampled one gets ids and, when the log wants them for the lines
+/// written inside the call, a bare span to carry them. With spans off, neither.
+fn rpc_span<B>(
+    observed: &Observed,
+    request: &http::Request<B>,
+    peer: Option<SocketAddr>,
+) -> (Span, Option<CallIds>) {
+    let parent = match otel::sample_call(request.headers(), &observed.full_name) {
+        CallSampling::Off => return (Span::none(), None),
+        CallSampling::Unsampled(ids) => {
+            let span = tracing::info_span!(target: UNSAMPLED_CALL_SPAN_TARGET, parent: None, "rpc");
+            telemetry::keep_call_ids(&span, ids);
+            return (span, Some(ids));
+        }
+        CallSampling::Sampled(parent) => parent,
+    };
     let uri = request.uri();
     let span = tracing::info_span!(
         target: CALL_SPAN_TARGET,
@@ -206,33 +220,21 @@ fn rpc_span<B>(observed: &Observed, request: &http::Request<B>, peer: Option<Soc
         network.peer.address = peer.map(|peer| tracing::field::display(peer.ip())),
         network.peer.port = peer.map(|peer| peer.port()),
     );
-    if !span.is_disabled() {
-        // Fails only when the span has started already, and it has not.
-        let _ = span.set_parent(otel::parent_context(request.headers()));
-    }
-    span
-}
-
-/// The trace and span id of `span`, sampled or not, kept on the span for the lines logged inside the
-/// call; `None` when spans are off.
-fn trace_ids(span: &Span) -> Option<(TraceId, SpanId)> {
     if span.is_disabled() {
-        return None;
+        return (span, None);
     }
+    // Fails only when the span has started already, and it has not.
+    let _ = span.set_parent(parent);
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    if !span_context.is_valid() {
-        return None;
+    let ids = span_context.is_valid().then(|| CallIds {
+        trace_id: span_context.trace_id(),
+        span_id: span_context.span_id(),
+    });
+    if let Some(ids) = ids {
+        telemetry::keep_call_ids(&span, ids);
     }
-    let ids = (span_context.trace_id(), span_context.span_id());
-    telemetry::keep_call_ids(
-        span,
-        CallIds {
-            trace_id: ids.0,
-            span_id: ids.1,
-        },
-    );
-    Some(ids)
+    (span, ids)
 }
 
 pin_project! {
@@ -458,7 +460,7 @@ struct RpcCall {
     subject: Option<Subject>,
     started: Instant,
     span: Span,
-    ids: Option<(TraceId, SpanId)>,
+    ids: Option<CallIds>,
     finished: bool,
 }
 
@@ -509,8 +511,8 @@ impl RpcCall {
         let peer = self.peer.map(tracing::field::display);
         let client = self.client.as_ref().map(ClientIdentity::name);
         let subject = self.subject.as_ref().map(Subject::as_str);
-        let trace_id = self.ids.map(|(trace, _)| tracing::field::display(trace));
-        let span_id = self.ids.map(|(_, span)| tracing::field::display(span));
+        let trace_id = self.ids.map(|ids| tracing::field::display(ids.trace_id));
+        let span_id = self.ids.map(|ids| tracing::field::display(ids.span_id));
         let code_name = go_code_name(code);
         let code_number = code as i32;
         // `event!` takes its level as a constant: one expansion per level. No parent: the line is

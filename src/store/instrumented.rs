@@ -16,7 +16,10 @@ use super::{OrderStore, OrderStream, Page, PageCursor, PoolStatus};
 use crate::{
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     error::{Error, Result},
-    telemetry::metrics::{MetricsError, StoreInstruments},
+    telemetry::{
+        self,
+        metrics::{MetricsError, StoreInstruments},
+    },
 };
 
 /// The one table the store works on.
@@ -67,7 +70,12 @@ impl Instrumented {
         })
     }
 
+    /// The operation's CLIENT span, inside a sampled call; none elsewhere (an unsampled call, a
+    /// background check), where it would start a trace of its own.
     fn span(&self, operation: &Operation) -> Span {
+        if !telemetry::in_sampled_call() {
+            return Span::none();
+        }
         tracing::info_span!(
             "db",
             otel.name = operation.span_name,

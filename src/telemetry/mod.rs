@@ -106,7 +106,11 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
                 .with_tracked_inactivity(false)
                 .with_context_activation(false)
                 .with_target(false)
-                .with_filter(Targets::new().with_target("app", LevelFilter::INFO))
+                .with_filter(
+                    Targets::new()
+                        .with_target("app", LevelFilter::INFO)
+                        .with_target(UNSAMPLED_CALL_SPAN_TARGET, LevelFilter::OFF),
+                )
                 .boxed(),
         );
     }
@@ -143,8 +147,18 @@ where
         .boxed()
 }
 
-/// The target of every call's span (`server::observe`), by which the log layer finds it.
+/// The target of a sampled call's span (`server::observe`), which is exported.
 pub const CALL_SPAN_TARGET: &str = "app::rpc";
+/// The target of an unsampled call's span, which only carries its ids for the log lines written
+/// inside it: the span exporter never sees it.
+pub const UNSAMPLED_CALL_SPAN_TARGET: &str = "app::rpc::unsampled";
+
+/// Whether the current span is a sampled call's: database operations get spans only inside one.
+pub fn in_sampled_call() -> bool {
+    tracing::Span::current()
+        .metadata()
+        .is_some_and(|metadata| metadata.target() == CALL_SPAN_TARGET)
+}
 
 /// The trace and span id of a call, kept on its span for the log lines written inside it.
 #[derive(Debug, Clone, Copy)]
@@ -190,7 +204,10 @@ struct CallSpans {
 
 impl CallSpans {
     fn matches(&self, metadata: &Metadata<'_>) -> bool {
-        self.wanted && metadata.is_span() && metadata.target() == CALL_SPAN_TARGET
+        self.wanted
+            && metadata.is_span()
+            && (metadata.target() == CALL_SPAN_TARGET
+                || metadata.target() == UNSAMPLED_CALL_SPAN_TARGET)
     }
 }
 
