@@ -27,6 +27,9 @@ pub struct Method {
     /// `Method`
     pub name: String,
     pub kind: MethodKind,
+    /// The request and response message types, fully qualified (`package.Message`).
+    pub input: String,
+    pub output: String,
 }
 
 impl Method {
@@ -67,6 +70,8 @@ pub fn served_methods() -> Vec<Method> {
             service.method.into_iter().map(move |method| Method {
                 service: service_name.clone(),
                 name: method.name().to_owned(),
+                input: method.input_type().trim_start_matches('.').to_owned(),
+                output: method.output_type().trim_start_matches('.').to_owned(),
                 kind: match (method.client_streaming(), method.server_streaming()) {
                     (false, false) => MethodKind::Unary,
                     (true, false) => MethodKind::ClientStream,
@@ -77,6 +82,17 @@ pub fn served_methods() -> Vec<Method> {
         })
     })
     .collect()
+}
+
+/// The API's and the health service's message types, to decode their messages for the log.
+pub fn descriptor_pool() -> prost_reflect::DescriptorPool {
+    let mut pool = prost_reflect::DescriptorPool::new();
+    for encoded in [FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+        // Compiled in: a set that does not load is a build defect, and its messages are logged
+        // as undecodable.
+        let _ = pool.decode_file_descriptor_set(encoded);
+    }
+    pool
 }
 
 #[cfg(test)]

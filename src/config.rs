@@ -317,6 +317,9 @@ pub struct TelemetrySettings {
     pub flush_timeout: Duration,
     /// Upper bounds, in seconds, of the `grpc_server_handling_seconds` histogram buckets.
     pub latency_buckets: Vec<f64>,
+    /// Proto field names whose values are replaced by `[REDACTED]`, at any depth, in the request and
+    /// response messages logged at TRACE (target `app::messages`).
+    pub redact_fields: Vec<String>,
 }
 
 /// Bucket bounds for a service whose median call takes well under a millisecond: fine steps from
@@ -335,6 +338,8 @@ impl Default for TelemetrySettings {
             sample_ratio: 0.1,
             flush_timeout: Duration::from_secs(5),
             latency_buckets: DEFAULT_LATENCY_BUCKETS.to_vec(),
+            // A delivery address is personal data.
+            redact_fields: vec!["destination".to_owned()],
         }
     }
 }

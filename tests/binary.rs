@@ -691,6 +691,10 @@ async fn spans_reach_the_otlp_collector_and_the_log_lines_carry_their_ids() {
             .as_str()
             .is_some_and(|peer| peer.starts_with("127.0.0.1:"))
     );
+    assert!(
+        !log.iter().any(|line| line["target"] == "app::messages"),
+        "messages are logged only at TRACE"
+    );
     let all_log = serde_json::to_string(&log).expect("JSON");
     assert!(
         !all_log.contains("not-to-be-logged"),

@@ -63,6 +63,47 @@ async fn no_log_line_at_any_level_holds_a_token_or_the_secret() {
         assert_ne!(status.code(), tonic::Code::Ok);
     }
 
+    // Messages are logged at TRACE, without the values of the redacted fields (the destination, by
+    // default).
+    let address = "Never Log Street 7";
+    let mut request = Request::new(api::CreateOrderRequest {
+        order: Some(api::Order {
+            items: vec!["a traced widget".to_owned()],
+            destination: address.to_owned(),
+            price_cents: 100,
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token("orders.write"))
+            .parse()
+            .expect("metadata"),
+    );
+    app.orders
+        .clone()
+        .create_order(request)
+        .await
+        .expect("created");
+    let messages =
+        logs::find(|line| line["target"] == "app::messages" && line["rpc.method"] == "CreateOrder");
+    let directions: Vec<&str> = messages
+        .iter()
+        .filter_map(|line| line["direction"].as_str())
+        .collect();
+    assert_eq!(directions, ["received", "sent"], "{messages:?}");
+    for line in &messages {
+        let message = line["message"].as_str().expect("message text");
+        assert!(message.contains("a traced widget"), "{message}");
+        assert!(
+            message.contains(r#""destination":"[REDACTED]""#),
+            "{message}"
+        );
+    }
+    let leaked = logs::find(|line| line.to_string().contains(address));
+    assert!(leaked.is_empty(), "a redacted field in the log: {leaked:?}");
+
     let lines = logs::find(|_| true);
     assert!(
         lines.iter().any(|line| line["message"] == "rpc finished"),

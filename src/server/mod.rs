@@ -190,7 +190,11 @@ impl Application {
         let auth = AuthPolicy::new(&settings.auth, &methods, &service::method_scopes())?;
         let max_in_flight =
             usize::try_from(settings.server.max_in_flight.get()).unwrap_or(usize::MAX);
-        let catalogue = Catalogue::new(&methods, metrics.as_deref())?;
+        let catalogue = Catalogue::new(
+            &methods,
+            metrics.as_deref(),
+            &settings.telemetry.redact_fields,
+        )?;
         let service = ServiceBuilder::new()
             .layer(ObserveLayer::new(catalogue))
             .layer(InFlightLimitLayer::new(max_in_flight))

@@ -13,7 +13,7 @@
 //! exported; without it the layer allocates nothing per call.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -26,6 +26,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::trace::TraceContextExt;
 use pin_project_lite::pin_project;
+use prost_reflect::{DynamicMessage, MessageDescriptor, SerializeOptions};
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::{Level, Span, field::Empty};
@@ -33,7 +34,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::connection::Peer;
 use crate::{
-    api::{Method, MethodKind},
+    api::{self, Method, MethodKind},
     auth::Subject,
     telemetry::{
         self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
@@ -49,6 +50,8 @@ pub struct Catalogue {
     methods: HashMap<String, Arc<Observed>>,
     /// Every path nobody serves shares this entry, so an unknown path never adds a series.
     unknown: Arc<Observed>,
+    /// Fields whose values never reach the log.
+    redacted: Arc<HashSet<String>>,
 }
 
 /// One method: its names, and its series when metrics are on.
@@ -60,6 +63,9 @@ struct Observed {
     /// Health probes log at DEBUG: one every few seconds must not drown the log.
     health: bool,
     metrics: Option<RpcMetrics>,
+    /// The request and response types, to log messages at TRACE; `None` for types the log cannot
+    /// decode (reflection's, an unknown path's).
+    messages: Option<(MessageDescriptor, MessageDescriptor)>,
 }
 
 impl std::fmt::Debug for Observed {
@@ -69,8 +75,15 @@ impl std::fmt::Debug for Observed {
 }
 
 impl Catalogue {
-    pub fn new(methods: &[Method], metrics: Option<&Metrics>) -> Result<Self, MetricsError> {
-        let observed = |service: &str, method: &str, kind: MethodKind| {
+    /// The catalogue of `methods`, with their series in `metrics` (none when metrics are off), and
+    /// their messages logged at TRACE without the values of the `redacted` fields.
+    pub fn new(
+        methods: &[Method],
+        metrics: Option<&Metrics>,
+        redacted: &[String],
+    ) -> Result<Self, MetricsError> {
+        let pool = api::descriptor_pool();
+        let observed = |service: &str, method: &str, kind: MethodKind, messages| {
             Ok::<_, MetricsError>(Arc::new(Observed {
                 service: service.into(),
                 method: method.into(),
@@ -79,19 +92,24 @@ impl Catalogue {
                 metrics: metrics
                     .map(|metrics| metrics.rpc(kind, service, method))
                     .transpose()?,
+                messages,
             }))
         };
         let mut by_path = HashMap::with_capacity(methods.len());
         for method in methods {
+            let messages = pool
+                .get_message_by_name(&method.input)
+                .zip(pool.get_message_by_name(&method.output));
             by_path.insert(
                 method.path(),
-                observed(&method.service, &method.name, method.kind)?,
+                observed(&method.service, &method.name, method.kind, messages)?,
             );
         }
         Ok(Self {
             methods: by_path,
             // Unary is as good a guess as any: the kind of a method nobody serves is unknown.
-            unknown: observed("unknown", "unknown", MethodKind::Unary)?,
+            unknown: observed("unknown", "unknown", MethodKind::Unary, None)?,
+            redacted: Arc::new(redacted.iter().cloned().collect()),
         })
     }
 
@@ -164,15 +182,30 @@ where
             finished: false,
             observed,
         };
-        let counted = call
-            .observed
-            .metrics
-            .is_some()
+        // Messages are logged (decoded, redacted) only while TRACE is on for them.
+        let taps = tracing::enabled!(target: MESSAGES_TARGET, Level::TRACE)
+            .then(|| call.observed.messages.clone())
+            .flatten()
+            .map(|(input, output)| {
+                let tap = |descriptor, direction| {
+                    Box::new(MessageTap {
+                        observed: Arc::clone(&call.observed),
+                        descriptor,
+                        direction,
+                        redacted: Arc::clone(&self.catalogue.redacted),
+                        buffer: Vec::new(),
+                    })
+                };
+                (tap(input, "received"), tap(output, "sent"))
+            });
+        let (request_tap, response_tap) = taps.unzip();
+        let counted = (call.observed.metrics.is_some() || request_tap.is_some())
             .then(|| Arc::clone(&call.observed));
         let request = request.map(|inner| CountedBody {
             inner,
             messages: MessageCounter::default(),
             observed: counted,
+            tap: request_tap,
         });
         let inner = {
             let _in_span = call.span.enter();
@@ -181,6 +214,7 @@ where
         ResponseFuture {
             inner,
             call: Some(call),
+            tap: response_tap,
         }
     }
 }
@@ -242,6 +276,7 @@ pin_project! {
         #[pin]
         inner: F,
         call: Option<RpcCall>,
+        tap: Option<Box<MessageTap>>,
     }
 }
 
@@ -261,6 +296,7 @@ where
             }
         };
         let mut call = this.call.take();
+        let tap = this.tap.take();
         Poll::Ready(match response {
             Ok(response) => {
                 if let Some(call) = &mut call {
@@ -278,6 +314,7 @@ where
                     inner,
                     call,
                     messages: MessageCounter::default(),
+                    tap,
                 }))
             }
             Err(err) => {
@@ -297,6 +334,7 @@ pin_project! {
         inner: B,
         call: Option<RpcCall>,
         messages: MessageCounter,
+        tap: Option<Box<MessageTap>>,
     }
 }
 
@@ -317,10 +355,13 @@ impl<B: Body<Data = Bytes>> Body for ObservedBody<B> {
         match &frame {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(call) = this.call.as_ref()
-                    && let Some(metrics) = &call.observed.metrics
+                    && (call.observed.metrics.is_some() || this.tap.is_some())
                     && let Some(data) = frame.data_ref()
                 {
-                    metrics.sent(this.messages.count(data));
+                    let sent = this.messages.count(data, this.tap.as_deref_mut());
+                    if let Some(metrics) = &call.observed.metrics {
+                        metrics.sent(sent);
+                    }
                 }
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(call) = this.call.take()
@@ -353,6 +394,7 @@ impl<B: Default> Default for ObservedBody<B> {
             inner: B::default(),
             call: None,
             messages: MessageCounter::default(),
+            tap: None,
         }
     }
 }
@@ -364,6 +406,7 @@ pin_project! {
         inner: B,
         messages: MessageCounter,
         observed: Option<Arc<Observed>>,
+        tap: Option<Box<MessageTap>>,
     }
 }
 
@@ -379,10 +422,13 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &frame
-            && let Some(metrics) = this.observed.as_ref().and_then(|o| o.metrics.as_ref())
+            && let Some(observed) = this.observed.as_ref()
             && let Some(data) = frame.data_ref()
         {
-            metrics.received(this.messages.count(data));
+            let received = this.messages.count(data, this.tap.as_deref_mut());
+            if let Some(metrics) = &observed.metrics {
+                metrics.received(received);
+            }
         }
         frame
     }
@@ -402,6 +448,8 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
 struct MessageCounter {
     /// Bytes of the current prefix read so far (0 to 4).
     prefix_read: u8,
+    /// Whether the current message is compressed (its prefix's flag).
+    compressed: bool,
     /// The length being read from the prefix.
     length: u32,
     /// Bytes of the current message still to come.
@@ -409,25 +457,33 @@ struct MessageCounter {
 }
 
 impl MessageCounter {
-    /// Reads `data` and returns how many messages it completed.
-    fn count(&mut self, mut data: &[u8]) -> u64 {
+    /// Reads `data` and returns how many messages it completed, handing each message's bytes to
+    /// `tap` when there is one.
+    fn count(&mut self, mut data: &[u8], mut tap: Option<&mut MessageTap>) -> u64 {
         let mut completed = 0;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let taken = data
                     .len()
                     .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                if let Some(tap) = tap.as_deref_mut() {
+                    tap.buffer.extend_from_slice(&data[..taken]);
+                }
                 data = &data[taken..];
                 self.remaining -= u32::try_from(taken).unwrap_or(self.remaining);
                 if self.remaining == 0 {
                     completed += 1;
+                    if let Some(tap) = tap.as_deref_mut() {
+                        tap.log(self.compressed);
+                    }
                 }
                 continue;
             }
             let byte = data[0];
             data = &data[1..];
-            // Byte 0 is the compression flag; bytes 1 to 4 the length.
-            if self.prefix_read > 0 {
+            if self.prefix_read == 0 {
+                self.compressed = byte != 0;
+            } else {
                 self.length = (self.length << 8) | u32::from(byte);
             }
             self.prefix_read += 1;
@@ -436,10 +492,75 @@ impl MessageCounter {
                 self.prefix_read = 0;
                 if self.remaining == 0 {
                     completed += 1;
+                    if let Some(tap) = tap.as_deref_mut() {
+                        tap.log(self.compressed);
+                    }
                 }
             }
         }
         completed
+    }
+}
+
+/// The target of the request and response messages, logged at TRACE.
+pub const MESSAGES_TARGET: &str = "app::messages";
+
+/// Logs one direction's messages of a call at TRACE, as proto JSON without the redacted fields'
+/// values. Exists only while TRACE is on for `app::messages`.
+struct MessageTap {
+    observed: Arc<Observed>,
+    descriptor: MessageDescriptor,
+    direction: &'static str,
+    redacted: Arc<HashSet<String>>,
+    /// The current message's bytes so far.
+    buffer: Vec<u8>,
+}
+
+impl MessageTap {
+    /// Logs the message in `buffer`, and empties it.
+    fn log(&mut self, compressed: bool) {
+        let message = if compressed {
+            format!("(compressed, {} bytes)", self.buffer.len())
+        } else {
+            match DynamicMessage::decode(self.descriptor.clone(), self.buffer.as_slice()) {
+                Ok(message) => {
+                    let options = SerializeOptions::new().use_proto_field_name(true);
+                    match message.serialize_with_options(serde_json::value::Serializer, &options) {
+                        Ok(mut json) => {
+                            redact(&mut json, &self.redacted);
+                            json.to_string()
+                        }
+                        Err(err) => format!("(cannot render: {err})"),
+                    }
+                }
+                Err(err) => format!("(undecodable, {} bytes: {err})", self.buffer.len()),
+            }
+        };
+        self.buffer.clear();
+        tracing::event!(target: MESSAGES_TARGET, Level::TRACE,
+            rpc.service = &*self.observed.service, rpc.method = &*self.observed.method,
+            direction = self.direction, message, "message");
+    }
+}
+
+/// Replaces the values of the `redacted` fields, at any depth, with `"[REDACTED]"`.
+fn redact(json: &mut serde_json::Value, redacted: &HashSet<String>) {
+    match json {
+        serde_json::Value::Object(fields) => {
+            for (name, value) in fields.iter_mut() {
+                if redacted.contains(name) {
+                    *value = serde_json::Value::from("[REDACTED]");
+                } else {
+                    redact(value, redacted);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                redact(item, redacted);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -593,14 +714,18 @@ mod tests {
                 service: "pkg.Svc".to_owned(),
                 name: "Method".to_owned(),
                 kind: MethodKind::ServerStream,
+                input: "pkg.Request".to_owned(),
+                output: "pkg.Response".to_owned(),
             },
             Method {
                 service: "grpc.health.v1.Health".to_owned(),
                 name: "Check".to_owned(),
                 kind: MethodKind::Unary,
+                input: "grpc.health.v1.HealthCheckRequest".to_owned(),
+                output: "grpc.health.v1.HealthCheckResponse".to_owned(),
             },
         ];
-        Catalogue::new(&methods, Some(metrics)).expect("catalogue")
+        Catalogue::new(&methods, Some(metrics), &[]).expect("catalogue")
     }
 
     /// Runs one call to `path` whose response is `response`, reads its body as far as
@@ -806,18 +931,39 @@ mod tests {
     }
 
     #[test]
+    fn redacted_fields_lose_their_values_at_any_depth() {
+        let mut json = serde_json::json!({
+            "destination": "Oslo",
+            "order": {"destination": {"street": "x"}, "items": ["a"]},
+            "orders": [{"destination": "Lima", "price_cents": 3}],
+        });
+        redact(&mut json, &HashSet::from(["destination".to_owned()]));
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "destination": "[REDACTED]",
+                "order": {"destination": "[REDACTED]", "items": ["a"]},
+                "orders": [{"destination": "[REDACTED]", "price_cents": 3}],
+            })
+        );
+    }
+
+    #[test]
     fn messages_are_counted_however_frames_split_them() {
         let mut stream = message(300);
         stream.extend(message(0));
         stream.extend(message(2));
         for chunk in [1, 2, 5, 6, 64, stream.len()] {
             let mut counter = MessageCounter::default();
-            let counted: u64 = stream.chunks(chunk).map(|part| counter.count(part)).sum();
+            let counted: u64 = stream
+                .chunks(chunk)
+                .map(|part| counter.count(part, None))
+                .sum();
             assert_eq!(counted, 3, "chunks of {chunk}");
         }
         // A message is counted when its last byte arrives, not before.
         let mut counter = MessageCounter::default();
-        assert_eq!(counter.count(&message(4)[..8]), 0);
-        assert_eq!(counter.count(&[7]), 1);
+        assert_eq!(counter.count(&message(4)[..8], None), 0);
+        assert_eq!(counter.count(&[7], None), 1);
     }
 }
