@@ -158,20 +158,7 @@ async fn binary_serves_over_tcp_persists_to_sqlite_and_stops_on_sigterm_or_sigin
     server.wait_until_serving().await;
 
     let mut orders = OrderServiceClient::new(server.channel().await);
-    let created = orders
-        .create_order(CreateOrderRequest {
-            order: Some(api::Order {
-                items: vec!["widget".into()],
-                destination: "Oslo".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .expect("create over TCP")
-        .into_inner()
-        .order
-        .expect("order");
+    let created = create_order(&mut orders).await;
 
     // An error sent as a trailers-only response, and a server stream ending in trailers: both logged.
     let invalid = orders
@@ -382,6 +369,24 @@ async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
     assert!(log.iter().any(|entry| entry["message"] == "server stopped"));
 }
 
+/// Creates an order for a widget to Oslo.
+async fn create_order(orders: &mut OrderServiceClient<Channel>) -> api::Order {
+    orders
+        .create_order(CreateOrderRequest {
+            order: Some(api::Order {
+                items: vec!["widget".into()],
+                destination: "Oslo".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create over TCP")
+        .into_inner()
+        .order
+        .expect("order")
+}
+
 /// An OTLP collector on a loopback port: the `TraceService` of `opentelemetry-proto`, keeping every
 /// export it receives.
 mod collector {
@@ -483,20 +488,7 @@ async fn spans_reach_the_otlp_collector_and_the_log_lines_carry_their_ids() {
     server.wait_until_serving().await;
     let channel = server.channel().await;
     let mut orders = OrderServiceClient::new(channel.clone());
-    let created = orders
-        .create_order(CreateOrderRequest {
-            order: Some(api::Order {
-                items: vec!["widget".into()],
-                destination: "Oslo".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .order
-        .expect("order");
+    let created = create_order(&mut orders).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
@@ -825,20 +817,7 @@ async fn the_standard_otel_variables_are_honoured_and_a_stream_span_lasts_to_its
     let mut orders = OrderServiceClient::new(server.channel().await);
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let created = orders
-            .create_order(CreateOrderRequest {
-                order: Some(api::Order {
-                    items: vec!["widget".into()],
-                    destination: "Oslo".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .expect("create")
-            .into_inner()
-            .order
-            .expect("order");
+        let created = create_order(&mut orders).await;
         ids.push(created.id);
     }
     // A bidi stream whose requests arrive 150 ms apart: it lasts at least 300 ms, though its

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use app::{
     api::{self, ProcessOrdersRequest, SearchOrdersRequest, UpdateOrdersRequest},
     health::ORDER_SERVICE_NAME,
-    telemetry::metrics::Metrics,
+    telemetry::metrics::{Metrics, go_code_name},
 };
 use common::{Backend, TestApp, order_to};
 use futures::stream;
@@ -121,6 +121,31 @@ async fn every_call_is_counted_once_by_kind_and_code_with_its_messages(backend: 
     let shipments: Vec<_> = futures::StreamExt::collect::<Vec<_>>(shipments).await;
     assert_eq!(shipments.len(), 1, "{shipments:?}");
 
+    // A failed call of each streaming kind that takes requests, after one message in.
+    let invalid_update = client
+        .update_orders(stream::iter(vec![UpdateOrdersRequest {
+            order: Some(api::Order {
+                id: "not-an-id".to_owned(),
+                ..order_to("Quito")
+            }),
+        }]))
+        .await
+        .expect_err("an invalid id");
+    let mut invalid_shipments = client
+        .process_orders(stream::iter(vec![ProcessOrdersRequest {
+            order_id: "not-an-id".to_owned(),
+        }]))
+        .await
+        .expect("processing starts")
+        .into_inner();
+    let invalid_process = loop {
+        match invalid_shipments.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("an invalid id must fail the stream"),
+            Err(status) => break status,
+        }
+    };
+
     let after = scrape(metrics_of(&app));
     let moved = |name: &str, kind: &str, method: &str, code: Option<&str>| {
         delta(&before, &after, &api_series(name, kind, method, code))
@@ -156,14 +181,15 @@ async fn every_call_is_counted_once_by_kind_and_code_with_its_messages(backend: 
         2.0
     );
 
-    for (kind, method, received, sent) in [
-        ("client_stream", "UpdateOrders", 3.0, 1.0),
-        ("server_stream", "SearchOrders", 1.0, 3.0),
-        ("bidi_stream", "ProcessOrders", 3.0, 1.0),
+    // Started: the good call and, for two of them, the failed one; messages of both.
+    for (kind, method, started, received, sent) in [
+        ("client_stream", "UpdateOrders", 2.0, 4.0, 1.0),
+        ("server_stream", "SearchOrders", 1.0, 1.0, 3.0),
+        ("bidi_stream", "ProcessOrders", 2.0, 4.0, 1.0),
     ] {
         assert_eq!(
             moved("grpc_server_started_total", kind, method, None),
-            1.0,
+            started,
             "{method}"
         );
         assert_eq!(moved(handled, kind, method, Some("OK")), 1.0, "{method}");
@@ -178,13 +204,25 @@ async fn every_call_is_counted_once_by_kind_and_code_with_its_messages(backend: 
             "{method}"
         );
     }
+    for (kind, method, status) in [
+        ("client_stream", "UpdateOrders", &invalid_update),
+        ("bidi_stream", "ProcessOrders", &invalid_process),
+    ] {
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{method}: {status:?}"
+        );
+        let code = go_code_name(status.code());
+        assert_eq!(moved(handled, kind, method, Some(code)), 1.0, "{method}");
+    }
     // Nothing else in the API moved, and nothing is left in flight.
     let api_handled: f64 = after
         .iter()
         .filter(|(series, _)| series.starts_with(handled) && series.contains(ORDER_SERVICE_NAME))
         .map(|(series, _)| delta(&before, &after, series))
         .sum();
-    assert_eq!(api_handled, 7.0);
+    assert_eq!(api_handled, 9.0);
     for (series, value) in &after {
         if series.starts_with("grpc_server_in_flight_rpcs") && series.contains(ORDER_SERVICE_NAME) {
             assert_eq!(*value, 0.0, "{series}");
@@ -281,7 +319,7 @@ async fn a_thousand_unknown_paths_add_no_series() {
 }
 
 #[tokio::test]
-async fn metrics_off_records_nothing() {
+async fn with_metrics_off_there_is_no_registry_and_calls_are_served() {
     let app = TestApp::spawn_with(Backend::Sqlite, |settings| {
         settings.server.metrics_addr = None;
     })
@@ -421,6 +459,32 @@ async fn the_dashboard_and_alerts_name_only_exported_metrics() {
     let mut expressions = Vec::new();
     collect_exprs(&dashboard, &mut expressions);
     assert_known(&expressions, &exported, "grafana-dashboard.json");
+    // Template variables: `label_values(metric, label)` names a metric too.
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("template variables");
+    let mut queried = Vec::new();
+    for variable in variables {
+        let query = match &variable["query"] {
+            serde_json::Value::String(query) => query.clone(),
+            serde_json::Value::Object(query) => query
+                .get("query")
+                .and_then(|query| query.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            _ => String::new(),
+        };
+        if let Some(arguments) = query.strip_prefix("label_values(") {
+            let metric = arguments
+                .split([',', ')'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            queried.push(metric.to_owned());
+        }
+    }
+    assert!(!queried.is_empty(), "no label_values variable");
+    assert_known(&queried, &exported, "grafana-dashboard.json variables");
 
     // One `expr:` per rule; a block scalar (`expr: |`) continues on the lines indented under it.
     let rules = deploy_file("alerts.yaml");
