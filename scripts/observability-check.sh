@@ -89,7 +89,7 @@ metrics_url="http://127.0.0.1:$metrics_port/metrics"
 prom_url="http://127.0.0.1:$prom_port"
 
 (cd "$work" && APP_SERVER__GRPC_ADDR="127.0.0.1:$grpc_port" \
-  APP_SERVER__METRICS_ADDR="127.0.0.1:$metrics_port" APP_SERVER__HEALTH_CHECK_INTERVAL=200ms \
+  APP_SERVER__METRICS_ADDR="127.0.0.1:$metrics_port" APP_HEALTH__CHECK_INTERVAL=200ms \
   exec "$binary" serve >"$work/server.log" 2>&1) &
 server_pid=$!
 

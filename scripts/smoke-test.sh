@@ -27,7 +27,7 @@ trap cleanup EXIT
 
 call() { "$buf" curl --http2-prior-knowledge --protocol grpc "$@"; }
 
-(cd "$work" && APP_SERVER__GRPC_ADDR="127.0.0.1:$port" APP_SERVER__METRICS_ADDR=127.0.0.1:0 APP_SERVER__HEALTH_CHECK_INTERVAL=200ms \
+(cd "$work" && APP_SERVER__GRPC_ADDR="127.0.0.1:$port" APP_SERVER__METRICS_ADDR=127.0.0.1:0 APP_HEALTH__CHECK_INTERVAL=200ms \
   exec "$binary" serve >"$work/server.log" 2>&1) &
 server_pid=$!
 
@@ -81,7 +81,7 @@ certs="$work/certs"
 "$repo/scripts/dev-certs.sh" "$certs" >/dev/null
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 surl="https://127.0.0.1:$port"
-(cd "$work" && APP_SERVER__GRPC_ADDR="127.0.0.1:$port" APP_SERVER__METRICS_ADDR=127.0.0.1:0 APP_SERVER__HEALTH_CHECK_INTERVAL=200ms \
+(cd "$work" && APP_SERVER__GRPC_ADDR="127.0.0.1:$port" APP_SERVER__METRICS_ADDR=127.0.0.1:0 APP_HEALTH__CHECK_INTERVAL=200ms \
   APP_DATABASE__URL="sqlite://secure.db" \
   APP_TLS__CERT_FILE="$certs/server.crt" APP_TLS__KEY_FILE="$certs/server.key" \
   APP_TLS__CLIENT_CA_FILE="$certs/ca.crt" \

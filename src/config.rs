@@ -35,6 +35,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub database: DatabaseSettings,
     pub service: ServiceSettings,
+    pub health: HealthSettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -49,9 +50,6 @@ pub struct ServerSettings {
     pub metrics_addr: Option<SocketAddr>,
     /// Serve `grpc.reflection.v1` and `v1alpha` so tools can discover the API.
     pub reflection: bool,
-    /// How often the health service re-checks the database.
-    #[serde(with = "humantime_serde")]
-    pub health_check_interval: Duration,
     /// The largest message decoded or encoded; a larger request is RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// HTTP/2 streams (calls) one connection may have open; further ones wait in the client.
@@ -88,7 +86,6 @@ impl Default for ServerSettings {
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
             reflection: true,
-            health_check_interval: Duration::from_secs(5),
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 100,
             keepalive_interval: Duration::from_secs(30),
@@ -278,6 +275,27 @@ impl Default for DatabaseSettings {
             acquire_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             migrate: true,
+        }
+    }
+}
+
+/// How readiness follows the database.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSettings {
+    /// How often the database is checked.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Consecutive failed checks before the API reports NOT_SERVING; one success brings it back.
+    /// One slow ping does not flap readiness.
+    pub failure_threshold: NonZeroU32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            check_interval: Duration::from_secs(5),
+            failure_threshold: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -582,10 +600,7 @@ impl Settings {
             ("tls.handshake_timeout", self.tls.handshake_timeout),
             ("server.preface_timeout", self.server.preface_timeout),
             ("server.keepalive_timeout", self.server.keepalive_timeout),
-            (
-                "server.health_check_interval",
-                self.server.health_check_interval,
-            ),
+            ("health.check_interval", self.health.check_interval),
             ("telemetry.flush_timeout", self.telemetry.flush_timeout),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, value)| value.is_zero()) {

@@ -66,7 +66,7 @@ impl RunningServer {
             .arg("serve")
             .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("APP_SERVER__METRICS_ADDR", "127.0.0.1:0")
-            .env("APP_SERVER__HEALTH_CHECK_INTERVAL", "100ms")
+            .env("APP_HEALTH__CHECK_INTERVAL", "100ms")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
@@ -344,7 +344,7 @@ async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
     let mut child = command(dir.path())
         .arg("serve")
         .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
-        .env("APP_SERVER__HEALTH_CHECK_INTERVAL", "100ms")
+        .env("APP_HEALTH__CHECK_INTERVAL", "100ms")
         .env("APP_TLS__CERT_FILE", "tls.crt")
         .env("APP_TLS__KEY_FILE", "tls.key")
         // Only SIGHUP can make this reload within the test.

@@ -212,7 +212,8 @@ impl Application {
             health,
             watch: WatchSettings {
                 migrate: settings.database.migrate,
-                interval: settings.server.health_check_interval,
+                interval: settings.health.check_interval,
+                failure_threshold: settings.health.failure_threshold.get(),
                 check_timeout: settings.database.connect_timeout,
             },
             tls,

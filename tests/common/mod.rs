@@ -615,7 +615,7 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 /// Defaults, with a fast health check so tests never wait long for a status change.
 pub fn test_settings() -> Settings {
     let mut settings = Settings::default();
-    settings.server.health_check_interval = Duration::from_millis(50);
+    settings.health.check_interval = Duration::from_millis(50);
     settings.database.max_connections = 5.try_into().expect("non-zero");
     settings
 }
