@@ -392,9 +392,13 @@ async fn create_order(orders: &mut OrderServiceClient<Channel>) -> api::Order {
 mod collector {
     use std::sync::{Arc, Mutex, PoisonError};
 
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+        resource::v1::Resource,
+        trace::v1::Span,
     };
 
     #[derive(Clone, Default)]
@@ -431,11 +435,30 @@ mod collector {
             (collector, url)
         }
 
-        pub fn exports(&self) -> Vec<ExportTraceServiceRequest> {
+        fn exports(&self) -> Vec<ExportTraceServiceRequest> {
             self.0
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone()
+        }
+
+        /// Every span received, in the order they arrived.
+        pub fn spans(&self) -> Vec<Span> {
+            self.exports()
+                .into_iter()
+                .flat_map(|export| export.resource_spans)
+                .flat_map(|resource| resource.scope_spans)
+                .flat_map(|scope| scope.spans)
+                .collect()
+        }
+
+        /// The resource of the first spans received: who sent them.
+        pub fn resource(&self) -> Option<Resource> {
+            self.exports()
+                .into_iter()
+                .flat_map(|export| export.resource_spans)
+                .next()
+                .and_then(|spans| spans.resource)
         }
     }
 }
@@ -534,22 +557,10 @@ async fn spans_reach_the_otlp_collector_and_the_log_lines_carry_their_ids() {
         .rsplit_once(':')
         .map(|(_, port)| port.to_owned());
     let log = server.stop_with("TERM").await;
-    let exports = collector.exports();
-    let resource_spans: Vec<_> = exports
-        .iter()
-        .flat_map(|export| &export.resource_spans)
-        .collect();
-    let spans: Vec<_> = resource_spans
-        .iter()
-        .flat_map(|resource| &resource.scope_spans)
-        .flat_map(|scope| &scope.spans)
-        .collect();
+    let spans = collector.spans();
 
     // The resource says who sent the spans.
-    let resource = resource_spans
-        .first()
-        .and_then(|spans| spans.resource.as_ref())
-        .expect("a resource");
+    let resource = collector.resource().expect("a resource");
     let resource_attribute = |key| attribute(&resource.attributes, key);
     assert_eq!(
         resource_attribute("service.name").as_deref(),
@@ -839,12 +850,7 @@ async fn the_standard_otel_variables_are_honoured_and_a_stream_span_lasts_to_its
     assert_eq!(shipments.len(), 1, "{shipments:?}");
     server.stop_with("TERM").await;
 
-    let exports = collector.exports();
-    let resource = exports
-        .iter()
-        .flat_map(|export| &export.resource_spans)
-        .find_map(|spans| spans.resource.as_ref())
-        .expect("a resource");
+    let resource = collector.resource().expect("a resource");
     assert_eq!(
         attribute(&resource.attributes, "service.name").as_deref(),
         Some("renamed-by-otel")
@@ -853,12 +859,7 @@ async fn the_standard_otel_variables_are_honoured_and_a_stream_span_lasts_to_its
         attribute(&resource.attributes, "deployment.environment.name").as_deref(),
         Some("ci")
     );
-    let spans: Vec<_> = exports
-        .iter()
-        .flat_map(|export| &export.resource_spans)
-        .flat_map(|resource| &resource.scope_spans)
-        .flat_map(|scope| &scope.spans)
-        .collect();
+    let spans = collector.spans();
     let create_name = format!("{ORDER_SERVICE_NAME}/CreateOrder");
     assert_eq!(
         spans.iter().filter(|span| span.name == create_name).count(),

@@ -42,7 +42,7 @@ use crate::{
     service::{self, OrderApi},
     shutdown,
     store::{self, Instrumented, OrderStore},
-    telemetry::metrics::{Metrics, MetricsError},
+    telemetry::metrics::{self, Metrics, MetricsError},
     tls::{ServerTls, TlsError},
 };
 
@@ -103,10 +103,7 @@ impl Application {
     /// Builds the server on the store that `settings.database` selects. Connects to nothing yet.
     pub async fn build(settings: &Settings) -> Result<Self, ServerError> {
         let metrics = Self::metrics_for(settings)?;
-        let instruments = metrics
-            .as_ref()
-            .map(|metrics| metrics.store_instruments())
-            .unwrap_or_default();
+        let instruments = metrics::store_instruments(metrics.as_deref());
         let store = store::connect(&settings.database, &instruments)?;
         Self::new(store, settings, metrics).await
     }
@@ -139,10 +136,7 @@ impl Application {
         // `Settings::load` checks this too; settings built in code must not skip it (a certificate
         // without its key would otherwise leave TLS silently off).
         settings.check().map_err(ServerError::Config)?;
-        let instruments = metrics
-            .as_ref()
-            .map(|metrics| metrics.store_instruments())
-            .unwrap_or_default();
+        let instruments = metrics::store_instruments(metrics.as_deref());
         let store: Arc<dyn OrderStore> = Arc::new(Instrumented::new(store, &instruments)?);
         if let Some(metrics) = &metrics {
             let store = Arc::clone(&store);

@@ -113,20 +113,21 @@ const RPC_LABELS: [&str; 3] = ["grpc_type", "grpc_service", "grpc_method"];
 impl Metrics {
     pub fn new(settings: &TelemetrySettings) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<_, MetricsError> {
-            let family = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(family.clone()))?;
-            Ok(family)
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels)?,
+            )
         };
         let histogram = |name: &str,
                          help: &str,
                          buckets: Vec<f64>,
                          labels: &[&str]|
          -> Result<_, MetricsError> {
-            let family =
-                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
-            registry.register(Box::new(family.clone()))?;
-            Ok(family)
+            register(
+                &registry,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?,
+            )
         };
         let handled_labels = ["grpc_type", "grpc_service", "grpc_method", "grpc_code"];
         let metrics = Self {
@@ -157,17 +158,16 @@ impl Metrics {
                 settings.latency_buckets.clone(),
                 &RPC_LABELS,
             )?,
-            in_flight: {
-                let family = IntGaugeVec::new(
+            in_flight: register(
+                &registry,
+                IntGaugeVec::new(
                     Opts::new(
                         "grpc_server_in_flight_rpcs",
                         "RPCs in progress on the server (streams until their last message).",
                     ),
                     &RPC_LABELS,
-                )?;
-                registry.register(Box::new(family.clone()))?;
-                family
-            },
+                )?,
+            )?,
             store: StoreInstruments {
                 operation: histogram(
                     "db_client_operation_duration_seconds",
@@ -183,44 +183,43 @@ impl Metrics {
                 )?
                 .get_metric_with_label_values::<&str>(&[])?,
             },
-            pool_usage: {
-                let family = IntGaugeVec::new(
+            pool_usage: register(
+                &registry,
+                IntGaugeVec::new(
                     Opts::new(
                         "db_client_connections_usage",
                         "Connections in the pool, by state (idle or used).",
                     ),
                     &["state"],
-                )?;
-                registry.register(Box::new(family.clone()))?;
-                family
-            },
-            pool_max: {
-                let gauge = IntGauge::new(
+                )?,
+            )?,
+            pool_max: register(
+                &registry,
+                IntGauge::new(
                     "db_client_connections_max",
                     "The most connections the pool opens.",
-                )?;
-                registry.register(Box::new(gauge.clone()))?;
-                gauge
-            },
+                )?,
+            )?,
             dropped_spans: counter(
                 "otel_spans_dropped_total",
                 "Spans that never reached the trace collector: the export queue was full, or \
                  the export failed.",
                 &["reason"],
             )?,
-            dropped_log_lines: {
-                let counter = IntCounter::new(
+            dropped_log_lines: register(
+                &registry,
+                IntCounter::new(
                     "log_lines_dropped_total",
                     "Log lines dropped because the log writer's queue was full (stdout too slow).",
-                )?;
-                registry.register(Box::new(counter.clone()))?;
-                counter
-            },
+                )?,
+            )?,
             leveling: std::sync::Mutex::new(()),
             pool: OnceLock::new(),
             registry,
         };
         metrics.register_build_info()?;
+        // The prometheus crate reads process facts from /proc: Linux only.
+        #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -306,18 +305,35 @@ impl Metrics {
             ("export_failed", &DROPPED_SPANS.export_failed),
         ] {
             let counter = self.dropped_spans.get_metric_with_label_values(&[reason])?;
-            let total = total.load(std::sync::atomic::Ordering::Relaxed);
-            counter.inc_by(total.saturating_sub(counter.get()));
+            level(&counter, total.load(std::sync::atomic::Ordering::Relaxed));
         }
         if let Some(dropped) = DROPPED_LOG_LINES.get() {
             let total = u64::try_from(dropped.dropped_lines()).unwrap_or(u64::MAX);
-            self.dropped_log_lines
-                .inc_by(total.saturating_sub(self.dropped_log_lines.get()));
+            level(&self.dropped_log_lines, total);
         }
         let mut text = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
         Ok(text)
     }
+}
+
+/// Adds `collector` to `registry` and hands it back for recording.
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, MetricsError> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+/// Brings `counter` up to `total`, a count kept elsewhere (it only ever grows).
+fn level(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+/// The store's instruments in `metrics`, or unregistered ones when metrics are off.
+pub fn store_instruments(metrics: Option<&Metrics>) -> StoreInstruments {
+    metrics.map(Metrics::store_instruments).unwrap_or_default()
 }
 
 /// Bucket bounds for database waits and operations: from 100 us (an in-process SQLite read) to the

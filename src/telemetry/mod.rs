@@ -44,11 +44,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exports_traces(&self) -> bool {
-        self.tracer_provider.is_some()
-    }
-
     /// Sends the spans still queued, waiting at most `telemetry.flush_timeout`, then writes the log
     /// lines still queued.
     pub async fn shutdown(self) {
@@ -155,9 +150,11 @@ pub const UNSAMPLED_CALL_SPAN_TARGET: &str = "app::rpc::unsampled";
 
 /// Whether the current span is a sampled call's: database operations get spans only inside one.
 pub fn in_sampled_call() -> bool {
-    tracing::Span::current()
-        .metadata()
-        .is_some_and(|metadata| metadata.target() == CALL_SPAN_TARGET)
+    // With traces off there is no such span: skip looking up the current one.
+    otel::exports_traces()
+        && tracing::Span::current()
+            .metadata()
+            .is_some_and(|metadata| metadata.target() == CALL_SPAN_TARGET)
 }
 
 /// The trace and span id of a call, kept on its span for the log lines written inside it.

@@ -148,6 +148,11 @@ fn resource() -> Resource {
 /// Decides which calls are traced, before anything is built for them; set with the tracer provider.
 static CALL_SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
 
+/// Whether spans are exported (`telemetry::init` built a tracer provider).
+pub fn exports_traces() -> bool {
+    CALL_SAMPLER.get().is_some()
+}
+
 /// Whether and how a call is traced.
 pub enum CallSampling {
     /// Spans are not exported.
@@ -187,7 +192,7 @@ pub fn sample_call(headers: &http::HeaderMap, name: &str) -> CallSampling {
 }
 
 /// The caller's trace context and baggage from a call's metadata; empty when it sent none.
-pub fn parent_context(headers: &http::HeaderMap) -> Context {
+fn parent_context(headers: &http::HeaderMap) -> Context {
     if !headers.contains_key("traceparent") && !headers.contains_key("baggage") {
         return Context::new();
     }

@@ -135,10 +135,7 @@ impl TestApp {
         configure(&mut settings);
         // As `Application::build` does: the store records its connection waits into the metrics.
         let metrics = Application::metrics_for(&settings).expect("metrics registry");
-        let instruments = metrics
-            .as_ref()
-            .map(|metrics| metrics.store_instruments())
-            .unwrap_or_default();
+        let instruments = app::telemetry::metrics::store_instruments(metrics.as_deref());
         let (store, database) = TestDatabase::create(backend, &settings, &instruments).await?;
         if migrate_first {
             store.migrate().await.expect("migrations apply");
