@@ -36,6 +36,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub service: ServiceSettings,
     pub health: HealthSettings,
+    pub shutdown: ShutdownSettings,
+    pub client: ClientSettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -296,6 +298,61 @@ impl Default for HealthSettings {
         Self {
             check_interval: Duration::from_secs(5),
             failure_threshold: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// How the server drains on SIGTERM or SIGINT. The defaults fit, with `telemetry.flush_timeout`,
+/// in Kubernetes' default 30s termination grace period.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long the server keeps accepting and serving after reporting NOT_SERVING, so that every
+    /// load balancer and kube-proxy has taken the endpoint out before connections are refused.
+    /// Longer than a readiness probe's period.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long calls in progress may still run once the server stops accepting; past it they end
+    /// with UNAVAILABLE (handlers are cancelled, transactions roll back).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// How clients of this service connect to it: the `healthcheck` probe, which talks TLS whenever
+/// the server does (`tls.cert_file` set).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientSettings {
+    /// Deadline of a call that sets none of its own.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// PEM CA certificates that the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a server that asks for one (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry; empty: the host being dialled.
+    pub server_name: String,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: String::new(),
         }
     }
 }
@@ -582,6 +639,9 @@ impl Settings {
             }
             _ => {}
         }
+        if self.client.cert_file.is_some() != self.client.key_file.is_some() {
+            return Err("client.cert_file and client.key_file must be set together".to_owned());
+        }
         if self.auth.mode == AuthMode::Jwt {
             let auth = &self.auth;
             if auth.jwt_secret_file.is_some() == auth.jwt_public_key_file.is_some() {
@@ -601,6 +661,7 @@ impl Settings {
             ("server.preface_timeout", self.server.preface_timeout),
             ("server.keepalive_timeout", self.server.keepalive_timeout),
             ("health.check_interval", self.health.check_interval),
+            ("client.timeout", self.client.timeout),
             ("telemetry.flush_timeout", self.telemetry.flush_timeout),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, value)| value.is_zero()) {

@@ -1,6 +1,11 @@
-//! Readiness from real dependency state: a background task applies migrations (when configured to),
-//! then keeps checking the database and reports the result through `grpc.health.v1.Health`, for the
-//! whole server (`""`) and for the order API.
+//! Health as `grpc.health.v1.Health` reports it, in two meanings:
+//! - liveness, the whole server (`""`): the process is alive and not draining. It stays SERVING through
+//!   a database outage, because restarting the process would not bring the database back;
+//! - readiness, the order API (`order.v1.OrderService`): ready to serve orders. A background task
+//!   applies migrations (when configured to), then keeps checking the database; this status follows
+//!   it.
+//!
+//! Both turn NOT_SERVING when the drain starts.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,11 +18,30 @@ use crate::{api::order_service_server::OrderServiceServer, service::OrderApi, st
 /// The service name that health checks use for the order API.
 pub const ORDER_SERVICE_NAME: &str = <OrderServiceServer<OrderApi> as NamedService>::NAME;
 
-/// The names whose status follows the database: the whole server and the order API.
-const REPORTED_SERVICES: [&str; 2] = ["", ORDER_SERVICE_NAME];
+/// The name whose status is the whole server's liveness.
+pub const LIVENESS: &str = "";
 
-pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    for service in REPORTED_SERVICES {
+/// The names whose status follows the database.
+const READINESS: [&str; 1] = [ORDER_SERVICE_NAME];
+
+/// Liveness SERVING, readiness NOT_SERVING: how the server starts, until the database answers.
+pub async fn starting(reporter: &HealthReporter) {
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    set_readiness(reporter, ServingStatus::NotServing).await;
+}
+
+/// Every status NOT_SERVING, and `Watch` streams told: the drain has started.
+pub async fn draining(reporter: &HealthReporter) {
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::NotServing)
+        .await;
+    set_readiness(reporter, ServingStatus::NotServing).await;
+}
+
+async fn set_readiness(reporter: &HealthReporter, status: ServingStatus) {
+    for service in READINESS {
         reporter.set_service_status(service, status).await;
     }
 }
@@ -74,7 +98,7 @@ impl Readiness {
     }
 }
 
-/// Runs until `stop` is cancelled. Statuses start NOT_SERVING and follow the checks' results with
+/// Runs until `stop` is cancelled. Readiness starts NOT_SERVING and follows the checks' results with
 /// `failure_threshold`; each change is logged once, with its cause.
 pub async fn watch_database(
     store: Arc<dyn OrderStore>,
@@ -104,12 +128,12 @@ pub async fn watch_database(
                     cause = "database check succeeded",
                     "health status changed"
                 );
-                set_all(&reporter, status).await;
+                set_readiness(&reporter, status).await;
             }
             (Some(status), Err(cause)) => {
                 tracing::warn!(?status, %cause, failures = readiness.failures,
                     "health status changed");
-                set_all(&reporter, status).await;
+                set_readiness(&reporter, status).await;
             }
             // The first failure of a run below the threshold: worth a line, not yet a change.
             (None, Err(cause)) if failures_before == 0 => {

@@ -1,50 +1,171 @@
-//! The `healthcheck` command: a probe for container runtimes that have no gRPC health probe of their
-//! own; it asks the server on `server.grpc_addr` for the overall status.
+//! The `healthcheck` command: the probe for container runtimes and Kubernetes exec probes in images
+//! with no shell and no `grpc_health_probe`. It asks a server's `grpc.health.v1.Health` for one
+//! service's status, over TLS (and mutual TLS) whenever the server is configured for it, and says
+//! why it failed.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
     time::Duration,
 };
 
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+use crate::config::Settings;
+
+/// What to ask, and of whom.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// `host:port`; the server's own `server.grpc_addr` (on loopback) when `None`.
+    pub addr: Option<String>,
+    /// `""` for the whole server (liveness), or a service's full name (readiness of the API).
+    pub service: String,
+    /// Bound on the whole probe: connecting, the handshake and the call.
+    pub timeout: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthcheckError {
-    #[error("cannot reach {addr}: {source}")]
-    Unreachable {
-        addr: SocketAddr,
+    #[error("invalid address {addr:?}: {source}")]
+    Address {
+        addr: String,
         source: tonic::transport::Error,
     },
+    #[error("cannot read {key} {path:?}: {source}")]
+    File {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the server uses TLS (tls.cert_file is set): set client.ca_file to the CA that signed it"
+    )]
+    NoCa,
+    #[error("invalid TLS settings: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("no answer from {addr} within {timeout:?}")]
+    TimedOut { addr: String, timeout: Duration },
+    #[error("the server does not know the service {0:?}")]
+    UnknownService(String),
+    #[error("{addr} closed the connection before answering{hint}")]
+    Dropped { addr: String, hint: &'static str },
     #[error("health check failed: {0}")]
-    Failed(#[from] tonic::Status),
-    #[error("server reports {0:?}")]
-    NotServing(ServingStatus),
+    Failed(tonic::Status),
+    #[error("{service} is {status}")]
+    NotServing {
+        service: &'static str,
+        status: &'static str,
+    },
 }
 
-/// Succeeds when the server listening on `addr` reports SERVING for the whole server.
-pub async fn check(addr: SocketAddr) -> Result<(), HealthcheckError> {
-    let addr = reachable(addr);
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|source| HealthcheckError::Unreachable { addr, source })?
-        .connect_timeout(TIMEOUT)
-        .timeout(TIMEOUT)
-        .connect()
+/// Succeeds when the server reports SERVING for `probe.service`; the status otherwise.
+pub async fn check(settings: &Settings, probe: &Probe) -> Result<(), HealthcheckError> {
+    let addr = probe
+        .addr
+        .clone()
+        .unwrap_or_else(|| reachable(settings.server.grpc_addr).to_string());
+    let endpoint = endpoint(settings, &addr)?
+        .connect_timeout(probe.timeout)
+        .timeout(probe.timeout);
+    let asked = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| HealthcheckError::Unreachable {
+                addr: addr.clone(),
+                source,
+            })?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: probe.service.clone(),
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::NotFound => HealthcheckError::UnknownService(probe.service.clone()),
+                // Under TLS 1.3 a server refusing the client's certificate (or its absence) says so
+                // after the client's side of the handshake is done: the call sees the close.
+                _ if std::error::Error::source(&status)
+                    .is_some_and(|source| source.is::<tonic::transport::Error>()) =>
+                {
+                    HealthcheckError::Dropped {
+                        addr: addr.clone(),
+                        hint: if settings.tls.cert_file.is_some()
+                            && settings.client.cert_file.is_none()
+                        {
+                            " (if it requires a client certificate: set client.cert_file and \
+                         client.key_file)"
+                        } else {
+                            ""
+                        },
+                    }
+                }
+                _ => HealthcheckError::Failed(status),
+            })
+    };
+    let response = tokio::time::timeout(probe.timeout, asked)
         .await
-        .map_err(|source| HealthcheckError::Unreachable { addr, source })?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await?
-        .into_inner()
-        .status();
-    match status {
+        .map_err(|_| HealthcheckError::TimedOut {
+            addr: addr.clone(),
+            timeout: probe.timeout,
+        })??;
+    let service = if probe.service.is_empty() {
+        "the server"
+    } else {
+        "the service"
+    };
+    match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
-        other => Err(HealthcheckError::NotServing(other)),
+        status => Err(HealthcheckError::NotServing {
+            service,
+            status: status.as_str_name(),
+        }),
     }
+}
+
+/// Plaintext, or TLS when the server has a certificate: verified against `client.ca_file`, with
+/// `client.cert_file` presented when set (mutual TLS).
+fn endpoint(settings: &Settings, addr: &str) -> Result<Endpoint, HealthcheckError> {
+    let tls = settings.tls.cert_file.is_some();
+    let scheme = if tls { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|source| {
+        HealthcheckError::Address {
+            addr: addr.to_owned(),
+            source,
+        }
+    })?;
+    if !tls {
+        return Ok(endpoint);
+    }
+    let client = &settings.client;
+    let ca_file = client.ca_file.as_deref().ok_or(HealthcheckError::NoCa)?;
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("client.ca_file", ca_file)?));
+    if let (Some(cert), Some(key)) = (&client.cert_file, &client.key_file) {
+        config = config.identity(Identity::from_pem(
+            read("client.cert_file", cert)?,
+            read("client.key_file", key)?,
+        ));
+    }
+    if !client.server_name.is_empty() {
+        config = config.domain_name(client.server_name.clone());
+    }
+    endpoint.tls_config(config).map_err(HealthcheckError::Tls)
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, HealthcheckError> {
+    std::fs::read(path).map_err(|source| HealthcheckError::File {
+        key,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A server listening on every interface is reached on loopback.

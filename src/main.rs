@@ -38,7 +38,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("database migrations applied");
             telemetry.shutdown().await;
         }
-        Command::Healthcheck => healthcheck::check(settings.server.grpc_addr).await?,
+        Command::Healthcheck(args) => {
+            let probe = healthcheck::Probe {
+                addr: args.addr,
+                service: args.service,
+                timeout: args.timeout,
+            };
+            healthcheck::check(&settings, &probe).await?;
+            println!("SERVING");
+        }
         Command::PrintConfig => print!("{}", settings.to_redacted_toml()?),
     }
     Ok(())

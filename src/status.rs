@@ -37,6 +37,7 @@ pub enum Reason {
     PermissionDenied,
     RateLimited,
     Overloaded,
+    ShuttingDown,
     DeadlineExceeded,
     MethodNotFound,
     /// A status that came from a library without a reason of ours: named after its code.
@@ -45,7 +46,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every named reason, for the README check.
-    pub const NAMED: [Reason; 19] = [
+    pub const NAMED: [Reason; 20] = [
         Reason::InvalidArgument,
         Reason::InvalidOrder,
         Reason::OrderNotFound,
@@ -63,6 +64,7 @@ impl Reason {
         Reason::PermissionDenied,
         Reason::RateLimited,
         Reason::Overloaded,
+        Reason::ShuttingDown,
         Reason::DeadlineExceeded,
         Reason::MethodNotFound,
     ];
@@ -86,6 +88,7 @@ impl Reason {
             Reason::PermissionDenied => "PERMISSION_DENIED",
             Reason::RateLimited => "RATE_LIMITED",
             Reason::Overloaded => "OVERLOADED",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Reason::MethodNotFound => "METHOD_NOT_FOUND",
             Reason::Unclassified(code) => code_name(code),

@@ -1,5 +1,7 @@
 //! The real binary, started as a process on a free loopback port and called over TCP.
 
+mod common;
+
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -67,6 +69,8 @@ impl RunningServer {
             .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("APP_SERVER__METRICS_ADDR", "127.0.0.1:0")
             .env("APP_HEALTH__CHECK_INTERVAL", "100ms")
+            // No load balancer to wait for; the drain tests set their own.
+            .env("APP_SHUTDOWN__DRAIN_DELAY", "0s")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
@@ -111,7 +115,9 @@ impl RunningServer {
     async fn wait_until_serving(&self) {
         let mut health = HealthClient::new(self.channel().await);
         let mut updates = health
-            .watch(HealthCheckRequest::default())
+            .watch(HealthCheckRequest {
+                service: ORDER_SERVICE_NAME.to_owned(),
+            })
             .await
             .expect("watch")
             .into_inner();
@@ -349,6 +355,7 @@ async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
         .env("APP_TLS__KEY_FILE", "tls.key")
         // Only SIGHUP can make this reload within the test.
         .env("APP_TLS__RELOAD_INTERVAL", "1h")
+        .env("APP_SHUTDOWN__DRAIN_DELAY", "0s")
         .stdout(Stdio::piped())
         .spawn()
         .expect("binary starts");
@@ -874,4 +881,440 @@ async fn the_standard_otel_variables_are_honoured_and_a_stream_span_lasts_to_its
     assert_eq!(process.kind, SpanKind::Server as i32);
     let lasted = process.end_time_unix_nano - process.start_time_unix_nano;
     assert!(lasted >= 300_000_000, "the span lasted {lasted} ns");
+}
+
+/// SIGTERM and SIGINT drain the real binary: NOT_SERVING at once, serving through the drain delay,
+/// then no new connections, calls in progress finishing (or, past the drain timeout, ended with
+/// UNAVAILABLE and rolled back), and a clean exit. Calls are made slow by holding a PostgreSQL lock
+/// that their writes wait on, which the test releases when it chooses: no sleeps that guess.
+#[cfg(feature = "postgres")]
+mod drain {
+    use std::time::Duration;
+
+    use app::{
+        api::{self, ProcessOrdersRequest, order_service_client::OrderServiceClient},
+        health::ORDER_SERVICE_NAME,
+    };
+    use sqlx::{Connection, PgConnection};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::{Code, transport::Channel};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    use super::{RunningServer, create_order, send_signal, wait_for_log};
+    use crate::common::{self, TestDatabase, eventually};
+
+    /// A schema of the test database for one server, its URL, and a connection into it.
+    async fn database() -> Option<(String, PgConnection, TestDatabase)> {
+        let (_, database) = TestDatabase::postgres_schema().await?;
+        let TestDatabase::Postgres { url, schema } = &database else {
+            unreachable!("a PostgreSQL schema");
+        };
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+        let conn = PgConnection::connect(&url).await.expect("test connection");
+        Some((url, conn, database))
+    }
+
+    /// Holds a lock on `orders` that lets reads through and makes every write wait, until the
+    /// returned transaction ends.
+    async fn block_writes(conn: &mut PgConnection) -> sqlx::Transaction<'_, sqlx::Postgres> {
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query("LOCK TABLE orders IN SHARE MODE")
+            .execute(&mut *tx)
+            .await
+            .expect("lock orders");
+        tx
+    }
+
+    /// Waits until `count` statements wait for the lock on `orders`.
+    async fn writes_waiting(url: &str, count: i64) {
+        let observer = sqlx::PgPool::connect(url).await.expect("observer pool");
+        eventually(
+            "writes waiting for the lock",
+            Duration::from_secs(30),
+            || {
+                let observer = observer.clone();
+                async move {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM pg_locks \
+                     WHERE NOT granted AND relation = 'orders'::regclass",
+                    )
+                    .fetch_one(&observer)
+                    .await
+                    .expect("pg_locks")
+                        >= count
+                }
+            },
+        )
+        .await;
+        observer.close().await;
+    }
+
+    async fn order_exists(conn: &mut PgConnection, id: &str) -> bool {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE id::text = $1")
+            .bind(id)
+            .fetch_one(conn)
+            .await
+            .expect("count")
+            == 1
+    }
+
+    fn slow_create(
+        channel: &Channel,
+    ) -> tokio::task::JoinHandle<Result<api::Order, tonic::Status>> {
+        let mut orders = OrderServiceClient::new(channel.clone());
+        tokio::spawn(async move {
+            let response = orders
+                .create_order(api::CreateOrderRequest {
+                    order: Some(api::Order {
+                        items: vec!["slow".into()],
+                        destination: "Lima".into(),
+                        ..Default::default()
+                    }),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                })
+                .await?;
+            Ok(response.into_inner().order.unwrap_or_default())
+        })
+    }
+
+    fn order_ids(orders: &[api::Order]) -> Vec<ProcessOrdersRequest> {
+        orders
+            .iter()
+            .map(|order| ProcessOrdersRequest {
+                order_id: order.id.clone(),
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_reports_not_serving_serves_through_the_delay_and_lets_calls_finish() {
+        let Some((url, mut conn, _database)) = database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RunningServer::start_with(
+            dir.path(),
+            &[
+                ("APP_DATABASE__URL", &url),
+                ("APP_SHUTDOWN__DRAIN_DELAY", "3s"),
+                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "60s"),
+            ],
+        )
+        .await;
+        server.wait_until_serving().await;
+        let channel = server.channel().await;
+        let mut orders = OrderServiceClient::new(channel.clone());
+        let batch = [
+            create_order(&mut orders).await,
+            create_order(&mut orders).await,
+            create_order(&mut orders).await,
+        ];
+
+        // In flight when the signal comes: a bidirectional stream, and a create waiting for the lock.
+        let (requests, receiver) = mpsc::channel(4);
+        let mut shipments = orders
+            .process_orders(ReceiverStream::new(receiver))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        requests
+            .send(order_ids(&batch[..1]).remove(0))
+            .await
+            .expect("send");
+        let lock = block_writes(&mut conn).await;
+        let slow = slow_create(&channel);
+        writes_waiting(&url, 1).await;
+        let mut watch = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest::default())
+            .await
+            .expect("watch")
+            .into_inner();
+        assert_eq!(
+            watch.message().await.expect("watch").map(|r| r.status()),
+            Some(ServingStatus::Serving)
+        );
+
+        send_signal(&server.child, "TERM").await;
+        // 1. NOT_SERVING at once, told to open watches, for liveness and readiness alike.
+        assert_eq!(
+            watch.message().await.expect("watch").map(|r| r.status()),
+            Some(ServingStatus::NotServing)
+        );
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", ORDER_SERVICE_NAME] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .expect("health answers during the delay")
+                .into_inner()
+                .status();
+            assert_eq!(status, ServingStatus::NotServing, "{service:?}");
+        }
+        // 2. Still serving during the delay, new connections included.
+        let fresh = server.channel().await;
+        let read = OrderServiceClient::new(fresh)
+            .get_order(api::GetOrderRequest {
+                id: batch[0].id.clone(),
+            })
+            .await
+            .expect("served during the drain delay");
+        assert_eq!(read.into_inner().order.as_ref(), Some(&batch[0]));
+
+        // 3. After it, new connections are refused while the calls in progress go on.
+        let stopped_accepting = wait_for_log(
+            &mut server.log,
+            "drain: stopped accepting and sent GOAWAY; calls in progress may finish",
+        )
+        .await;
+        // The stream and the create (and the health watch, unless already ended).
+        assert!(
+            stopped_accepting["in_flight"].as_u64() >= Some(2),
+            "{stopped_accepting}"
+        );
+        let refused = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .expect("URI")
+            .connect()
+            .await;
+        assert!(refused.is_err(), "no new connection after the drain delay");
+        for request in order_ids(&batch[1..]) {
+            requests
+                .send(request)
+                .await
+                .expect("the stream still reads");
+        }
+        drop(requests);
+        lock.commit().await.expect("release the lock");
+
+        let created = slow
+            .await
+            .expect("task")
+            .expect("the slow call completes with OK");
+        let shipment = shipments
+            .message()
+            .await
+            .expect("the stream completes with OK")
+            .expect("one shipment");
+        assert_eq!(shipment.shipment.map(|s| s.orders.len()), Some(3));
+        assert!(shipments.message().await.expect("OK").is_none());
+
+        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
+            .await
+            .expect("exits within delay + timeout")
+            .expect("exit status");
+        assert!(exit.success(), "{exit}");
+        assert!(order_exists(&mut conn, &created.id).await);
+        let mut steps = Vec::new();
+        while let Some(line) = server.log.next_line().await.expect("log") {
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+            if let Some(step) = entry["step"].as_str() {
+                assert!(
+                    entry["duration_ms"].is_number() || step == "stop_metrics",
+                    "{entry}"
+                );
+                steps.push(step.to_owned());
+            }
+        }
+        assert_eq!(steps, ["drain", "close_pool", "stop_metrics"], "{steps:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_still_running_at_the_drain_timeout_end_with_unavailable_and_roll_back() {
+        let Some((url, mut conn, _database)) = database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RunningServer::start_with(
+            dir.path(),
+            &[
+                ("APP_DATABASE__URL", &url),
+                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "1s"),
+            ],
+        )
+        .await;
+        server.wait_until_serving().await;
+        let channel = server.channel().await;
+        let mut orders = OrderServiceClient::new(channel.clone());
+        // A stream that never ends: its client never half-closes.
+        let (_requests, receiver) = mpsc::channel::<ProcessOrdersRequest>(1);
+        let mut endless = orders
+            .process_orders(ReceiverStream::new(receiver))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let lock = block_writes(&mut conn).await;
+        let slow = slow_create(&channel);
+        writes_waiting(&url, 1).await;
+
+        send_signal(&server.child, "TERM").await;
+        let cut = endless.message().await.expect_err("cut");
+        assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
+        assert_eq!(common::reason(&cut), "SHUTTING_DOWN");
+        let cancelled = slow.await.expect("task").expect_err("cancelled");
+        assert_eq!(cancelled.code(), Code::Unavailable, "{cancelled:?}");
+
+        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
+            .await
+            .expect("exits despite the endless stream")
+            .expect("exit status");
+        assert!(exit.success(), "{exit}");
+        let ended = wait_for_log(
+            &mut server.log,
+            "drain: calls in progress ended, their transactions rolled back",
+        )
+        .await;
+        assert_eq!(ended["calls_ended"], 2, "{ended}");
+        // The create waited inside its transaction: nothing of it remains.
+        lock.commit().await.expect("release the lock");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE 'slow' = ANY(items)")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(rows, 0, "no half-written order");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_signal_during_the_drain_exits_at_once() {
+        let Some((url, mut conn, _database)) = database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RunningServer::start_with(
+            dir.path(),
+            &[
+                ("APP_DATABASE__URL", &url),
+                ("APP_SHUTDOWN__DRAIN_DELAY", "1h"),
+                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "1h"),
+            ],
+        )
+        .await;
+        server.wait_until_serving().await;
+        let lock = block_writes(&mut conn).await;
+        let slow = slow_create(&server.channel().await);
+        writes_waiting(&url, 1).await;
+
+        send_signal(&server.child, "TERM").await;
+        wait_for_log(
+            &mut server.log,
+            "drain: health reports NOT_SERVING; still serving for the drain delay",
+        )
+        .await;
+        send_signal(&server.child, "INT").await;
+        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
+            .await
+            .expect("exits long before the hour-long drain")
+            .expect("exit status");
+        assert!(exit.success(), "{exit}");
+        let cancelled = slow.await.expect("task").expect_err("cancelled");
+        assert_eq!(cancelled.code(), Code::Unavailable, "{cancelled:?}");
+        lock.commit().await.expect("release the lock");
+    }
+}
+
+/// The `healthcheck` probe against the real server under mutual TLS: it presents the client
+/// certificate `client.*` names, asks for liveness or a service's readiness, and says why it fails.
+#[tokio::test]
+async fn healthcheck_speaks_mutual_tls_asks_per_service_and_says_why_it_fails() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "probe test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let issue = |name: &str, purpose: ExtendedKeyUsagePurpose| {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params.extended_key_usages = vec![purpose];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &ca).expect("sign");
+        std::fs::write(dir.path().join(format!("{name}.crt")), cert.pem()).expect("write");
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    };
+    issue("server", ExtendedKeyUsagePurpose::ServerAuth);
+    issue("client", ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write CA");
+
+    let tls = [
+        ("APP_TLS__CERT_FILE", "server.crt"),
+        ("APP_TLS__KEY_FILE", "server.key"),
+        ("APP_TLS__CLIENT_CA_FILE", "ca.crt"),
+        ("APP_CLIENT__CA_FILE", "ca.crt"),
+        ("APP_CLIENT__SERVER_NAME", "localhost"),
+    ];
+    let mut server_env = tls.to_vec();
+    // Long enough to probe the draining server; a second signal ends it.
+    server_env.push(("APP_SHUTDOWN__DRAIN_DELAY", "1h"));
+    let mut server = RunningServer::start_with(dir.path(), &server_env).await;
+    let addr = server.addr.clone();
+    let probe = |extra_env: &'static [(&'static str, &'static str)], args: Vec<String>| {
+        let mut command = command(dir.path());
+        command
+            .arg("healthcheck")
+            .arg("--addr")
+            .arg(&addr)
+            .args(args)
+            .envs(tls)
+            .envs(extra_env.iter().copied());
+        async move {
+            let output = command.output().await.expect("healthcheck runs");
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+    const IDENTITY: &[(&str, &str)] = &[
+        ("APP_CLIENT__CERT_FILE", "client.crt"),
+        ("APP_CLIENT__KEY_FILE", "client.key"),
+    ];
+    let readiness = || vec!["--service".to_owned(), ORDER_SERVICE_NAME.to_owned()];
+    common::eventually(
+        "the API ready",
+        std::time::Duration::from_secs(30),
+        || async { probe(IDENTITY, readiness()).await.0 },
+    )
+    .await;
+
+    let (ok, stdout, stderr) = probe(IDENTITY, Vec::new()).await;
+    assert!(ok, "liveness over mutual TLS: {stderr}");
+    assert_eq!(stdout.trim(), "SERVING");
+
+    let (ok, _, stderr) = probe(&[], readiness()).await;
+    assert!(!ok, "no client certificate, no answer");
+    assert!(stderr.contains("set client.cert_file"), "{stderr}");
+
+    let (ok, _, stderr) = probe(IDENTITY, vec!["--service".into(), "no.such.Service".into()]).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("does not know the service \"no.such.Service\""),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = probe(IDENTITY, vec!["--timeout".into(), "soon".into()]).await;
+    assert!(!ok, "a malformed timeout is refused");
+    assert!(stderr.contains("--timeout"), "{stderr}");
+
+    // Draining: liveness turns NOT_SERVING, and the probe says so.
+    send_signal(&server.child, "TERM").await;
+    wait_for_log(
+        &mut server.log,
+        "drain: health reports NOT_SERVING; still serving for the drain delay",
+    )
+    .await;
+    let (ok, _, stderr) = probe(IDENTITY, Vec::new()).await;
+    assert!(!ok, "a draining server is not live");
+    assert!(stderr.contains("the server is NOT_SERVING"), "{stderr}");
+    send_signal(&server.child, "INT").await;
+    assert!(server.child.wait().await.expect("exit").success());
 }

@@ -49,9 +49,10 @@ async fn health_waits_for_migrations_before_serving(backend: Backend) {
         app.store.check_ready().await.is_err(),
         "an unmigrated database is not ready"
     );
+    // Alive, not ready: restarting the process would not run the migrations.
     assert_eq!(
         app.health_status("").await.ok(),
-        Some(ServingStatus::NotServing)
+        Some(ServingStatus::Serving)
     );
     assert_eq!(
         app.health_status(ORDER_SERVICE_NAME).await.ok(),
@@ -59,7 +60,6 @@ async fn health_waits_for_migrations_before_serving(backend: Backend) {
     );
 
     app.store.migrate().await.expect("migrate");
-    app.wait_for_status("", ServingStatus::Serving).await;
     app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
         .await;
 }
@@ -157,7 +157,9 @@ mod database_outages {
     use tonic::Code;
     use tonic_health::pb::health_check_response::ServingStatus;
 
-    use crate::common::{TestApp, TestDatabase, test_settings};
+    use app::api;
+
+    use crate::common::{TestApp, TestDatabase, logs, test_settings};
 
     #[tokio::test]
     async fn health_is_not_serving_and_calls_are_unavailable_while_the_database_is_unreachable() {
@@ -174,8 +176,13 @@ mod database_outages {
             .await
             .expect("builds without a database");
         let app = TestApp::serve_application(application, store).await;
+        // Alive (a restart would not bring the database), not ready.
         assert_eq!(
             app.health_status("").await.ok(),
+            Some(ServingStatus::Serving)
+        );
+        assert_eq!(
+            app.health_status(ORDER_SERVICE_NAME).await.ok(),
             Some(ServingStatus::NotServing)
         );
         let status = app
@@ -202,8 +209,10 @@ mod database_outages {
             .expect("TEST_POSTGRES_URL names a TCP address");
         let link = Link::start(upstream).await;
         let mut settings = test_settings();
-        settings.database.acquire_timeout = Duration::from_millis(500);
+        // Far longer than the call deadline below: only failing fast can answer UNAVAILABLE in time.
+        settings.database.acquire_timeout = Duration::from_secs(3600);
         settings.database.connect_timeout = Duration::from_millis(500);
+        settings.health.failure_threshold = 3.try_into().expect("non-zero");
         let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
             options.host("127.0.0.1").port(link.addr.port()),
             &settings.database,
@@ -213,23 +222,52 @@ mod database_outages {
         let application = Application::with_store(Arc::clone(&store), &settings)
             .await
             .expect("application builds");
+        logs::capture();
         let app = TestApp::serve_application(application, store).await;
-        app.wait_for_status("", ServingStatus::Serving).await;
+        app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
+            .await;
         let order = app.create_for("Oslo").await;
 
         link.cut();
-        app.wait_for_status("", ServingStatus::NotServing).await;
         app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::NotServing)
             .await;
-        let status = app.get(&order.id).await.expect_err("database unreachable");
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        // Readiness dropped only after the threshold of failed checks in a row, said once.
+        // (A change after more than one failure can only be this test's: the others start unready.)
+        let changes = logs::find(|line| {
+            line["message"] == "health status changed"
+                && line["status"] == "NotServing"
+                && line["failures"].as_u64() > Some(1)
+        });
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0]["failures"], 3, "{changes:?}");
+        // Liveness holds: restarting the process would not bring the database back.
+        assert_eq!(
+            app.health_status("").await.ok(),
+            Some(ServingStatus::Serving)
+        );
+        // Calls fail fast with UNAVAILABLE rather than waiting out `acquire_timeout`: within a
+        // deadline far shorter than it.
+        for _ in 0..3 {
+            let mut request = tonic::Request::new(api::GetOrderRequest {
+                id: order.id.clone(),
+            });
+            request.set_timeout(Duration::from_secs(5));
+            let status = app
+                .orders
+                .clone()
+                .get_order(request)
+                .await
+                .expect_err("database unreachable");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
 
         link.restore();
-        app.wait_for_status("", ServingStatus::Serving).await;
         app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
             .await;
         assert_eq!(
-            app.get(&order.id).await.expect("get after the outage"),
+            app.get(&order.id)
+                .await
+                .expect("get after the outage, without a restart"),
             order
         );
     }

@@ -106,13 +106,21 @@ impl ConnectionOptions {
     }
 }
 
-/// Serves one connection until it closes, goes away or `stop` is cancelled and its calls finish.
+/// When a connection must end: `go_away` sends GOAWAY and lets its calls finish; `abort` drops it
+/// with whatever is still running (the end of a drain that ran out of time).
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    pub go_away: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Serves one connection until it closes or goes away and its calls finish, or is aborted.
 pub async fn serve<IO, S, B>(
     io: IO,
     tls: Option<Arc<ServerTls>>,
     service: S,
     options: Arc<ConnectionOptions>,
-    stop: CancellationToken,
+    stop: Stop,
 ) where
     IO: Socket,
     S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -131,7 +139,7 @@ pub async fn serve<IO, S, B>(
     // Operators see failed handshakes here, or nowhere: a client refused by mutual TLS never
     // reaches a handler or the access log.
     let (stream, identity) = tokio::select! {
-        () = stop.cancelled() => return,
+        () = stop.go_away.cancelled() => return,
         result = handshake => match result {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(err)) => {
@@ -153,7 +161,7 @@ async fn serve_http2<IO, S, B>(
     identity: Option<ClientIdentity>,
     service: S,
     options: &ConnectionOptions,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -227,9 +235,13 @@ async fn serve_http2<IO, S, B>(
                 tracing::debug!(peer = ?addr, "closing a connection past its age and grace");
                 return;
             }
-            () = stop.cancelled(), if !going_away => {
+            () = stop.go_away.cancelled(), if !going_away => {
                 connection.as_mut().graceful_shutdown();
                 going_away = true;
+            }
+            () = stop.abort.cancelled() => {
+                tracing::debug!(peer = ?addr, "closing a connection the drain ran out of time for");
+                return;
             }
         }
     }

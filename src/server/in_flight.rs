@@ -25,13 +25,21 @@ use crate::status::{self, Reason};
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {
     permits: Arc<Semaphore>,
+    max: usize,
 }
 
 impl InFlightLimitLayer {
     pub fn new(max_in_flight: usize) -> Self {
+        let max = max_in_flight.min(Semaphore::MAX_PERMITS);
         Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            permits: Arc::new(Semaphore::new(max)),
+            max,
         }
+    }
+
+    /// Calls in progress now (health checks aside), for the drain's log lines.
+    pub fn in_flight(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
     }
 }
 

@@ -5,6 +5,7 @@
 mod body;
 mod connection;
 mod deadline;
+mod drain;
 mod error_details;
 mod in_flight;
 mod metrics_endpoint;
@@ -12,18 +13,24 @@ mod observe;
 mod panic_guard;
 mod rate_limit;
 
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::{Pin, pin},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use self::{
-    connection::ConnectionOptions,
+    connection::{ConnectionOptions, Stop},
     deadline::{DeadlineLayer, DeadlineService, TimeoutTable},
+    drain::{Drain, DrainLayer},
     error_details::{ErrorDetails, ErrorDetailsLayer},
     in_flight::{InFlightLimit, InFlightLimitLayer},
     observe::{Catalogue, Observe, ObserveLayer},
@@ -37,7 +44,7 @@ pub use self::{
 use crate::{
     api,
     auth::{AuthError, AuthLayer, AuthPolicy, Authenticate},
-    config::{AuthMode, Settings},
+    config::{AuthMode, Settings, ShutdownSettings},
     health::{self, WatchSettings},
     service::{self, OrderApi},
     shutdown,
@@ -59,12 +66,22 @@ fn non_zero(duration: Duration) -> Option<Duration> {
 }
 
 /// Every call's path through the server, outermost first: the observing layer (log line, metrics,
-/// span) sees the final status of everything below it; load shedding refuses before any work; the deadline bounds authentication and
-/// the handler alike; the rate limit keys on the authenticated caller; panics become INTERNAL; and
-/// the framework's own statuses get their details before anyone logs them.
+/// span) sees the final status of everything below it; the drain can end any call; load shedding
+/// refuses before any work; the deadline bounds authentication and the handler alike; the rate
+/// limit keys on the authenticated caller; panics become INTERNAL; and the framework's own statuses
+/// get their details before anyone logs them.
 pub type CallStack = Observe<
-    InFlightLimit<DeadlineService<Authenticate<RateLimit<PanicGuard<ErrorDetails<Routes>>>>>>,
+    Drain<
+        InFlightLimit<DeadlineService<Authenticate<RateLimit<PanicGuard<ErrorDetails<Routes>>>>>>,
+    >,
 >;
+
+/// After the drain timeout, how long calls ended with UNAVAILABLE get to send it before their
+/// connections are dropped.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long closing the database pool may take once no call holds a connection.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -97,6 +114,9 @@ pub struct Application {
     tls_reload_interval: Duration,
     connections: Arc<ConnectionOptions>,
     metrics: Option<Arc<Metrics>>,
+    drain: DrainLayer,
+    in_flight: InFlightLimitLayer,
+    shutdown: ShutdownSettings,
 }
 
 impl Application {
@@ -144,8 +164,8 @@ impl Application {
         }
         let limit = settings.server.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
-        // Nothing is ready until the database is: the watch started by `serve` flips this.
-        health::set_all(&health, ServingStatus::NotServing).await;
+        // Alive, but not ready until the database is: the watch started by `serve` flips that.
+        health::starting(&health).await;
         let health_service = health_service
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
@@ -189,9 +209,12 @@ impl Application {
             metrics.as_deref(),
             &settings.telemetry.redact_fields,
         )?;
+        let drain = DrainLayer::new();
+        let in_flight = InFlightLimitLayer::new(max_in_flight);
         let service = ServiceBuilder::new()
             .layer(ObserveLayer::new(catalogue))
-            .layer(InFlightLimitLayer::new(max_in_flight))
+            .layer(drain.clone())
+            .layer(in_flight.clone())
             .layer(DeadlineLayer::new(timeouts))
             .layer(AuthLayer::new(auth))
             .layer(RateLimitLayer::new(&settings.server.rate_limit))
@@ -217,6 +240,9 @@ impl Application {
                 settings.tls.handshake_timeout,
             )),
             metrics,
+            drain,
+            in_flight,
+            shutdown: settings.shutdown.clone(),
         })
     }
 
@@ -231,15 +257,38 @@ impl Application {
         self.tls.clone()
     }
 
-    /// Serves connections from `incoming` until `shutdown` completes, then reports NOT_SERVING, lets
-    /// in-flight calls finish and closes the database pool.
+    /// Serves connections from `incoming` until `shutdown` completes, then drains as
+    /// [`serve_until`](Self::serve_until) does (with no second signal to cut it short).
     pub async fn serve_with_incoming<I, IO, IE>(
         self,
         incoming: I,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError>
     where
-        I: futures::Stream<Item = Result<IO, IE>>,
+        I: Stream<Item = Result<IO, IE>>,
+        IO: Socket,
+        IE: std::fmt::Display,
+    {
+        self.serve_until(incoming, futures::stream::once(shutdown))
+            .await
+    }
+
+    /// Serves connections from `incoming` until the first item of `shutdown_requests`, then drains:
+    /// 1. every health status turns NOT_SERVING (open `Watch` streams are told);
+    /// 2. for `shutdown.drain_delay` the server still accepts and serves, while load balancers take
+    ///    it out;
+    /// 3. it stops accepting, sends GOAWAY, and lets calls finish for up to `shutdown.drain_timeout`;
+    /// 4. calls still running then end with UNAVAILABLE (handlers cancelled, transactions rolled
+    ///    back), connections close, the pool closes and the background tasks stop.
+    ///
+    /// A second item skips what is left of steps 2 and 3. Each step is logged with its duration.
+    pub async fn serve_until<I, IO, IE>(
+        self,
+        incoming: I,
+        shutdown_requests: impl Stream<Item = ()>,
+    ) -> Result<(), ServerError>
+    where
+        I: Stream<Item = Result<IO, IE>>,
         IO: Socket,
         IE: std::fmt::Display,
     {
@@ -252,21 +301,151 @@ impl Application {
             self.tls_reload_interval,
             background.child_token(),
         ));
+        let stop_health_watch = background.child_token();
         let watcher = tokio::spawn(health::watch_database(
             Arc::clone(&self.store),
             self.health.clone(),
-            self.watch,
-            background.clone(),
+            self.watch.clone(),
+            stop_health_watch.clone(),
         ));
 
         let connections = TaskTracker::new();
-        let stop_connections = CancellationToken::new();
+        let stop = Stop::default();
         // Boxed so that it can be dropped, closing the listener, once accepting stops.
         let mut incoming = Box::pin(incoming);
-        let mut shutdown = pin!(shutdown);
+        let mut requests = pin!(shutdown_requests);
+        self.accept_until(
+            &mut incoming,
+            pin!(next_request(&mut requests)),
+            &connections,
+            &stop,
+        )
+        .await;
+
+        // 1. Stop the watch first so that it cannot report SERVING again, then tell everyone.
+        let drain_started = Instant::now();
+        stop_health_watch.cancel();
+        if let Err(err) = watcher.await {
+            tracing::error!(error = %err, "health watch task failed");
+        }
+        health::draining(&self.health).await;
+        tracing::info!(
+            step = "not_serving",
+            in_flight = self.in_flight.in_flight(),
+            connections = connections.len(),
+            drain_delay = ?self.shutdown.drain_delay,
+            "drain: health reports NOT_SERVING; still serving for the drain delay"
+        );
+
+        // 2. Keep serving while load balancers catch up.
+        let step = Instant::now();
+        let mut fast = {
+            let mut delay_over = pin!(async {
+                tokio::select! {
+                    () = tokio::time::sleep(self.shutdown.drain_delay) => false,
+                    () = next_request(&mut requests) => true,
+                }
+            });
+            match self
+                .accept_until(&mut incoming, delay_over.as_mut(), &connections, &stop)
+                .await
+            {
+                Some(fast) => fast,
+                None => delay_over.await,
+            }
+        };
+        drop(incoming); // The listener closes: new connections are refused from here on.
+        stop.go_away.cancel();
+        self.drain.end_watches();
+        connections.close();
+        tracing::info!(
+            step = "drain_delay",
+            duration_ms = millis_since(step),
+            fast,
+            in_flight = self.in_flight.in_flight(),
+            connections = connections.len(),
+            drain_timeout = ?self.shutdown.drain_timeout,
+            "drain: stopped accepting and sent GOAWAY; calls in progress may finish"
+        );
+
+        // 3. Let the calls in progress finish, within the timeout.
+        let step = Instant::now();
+        let finished = !fast
+            && tokio::select! {
+                () = connections.wait() => true,
+                () = tokio::time::sleep(self.shutdown.drain_timeout) => false,
+                () = next_request(&mut requests) => {
+                    fast = true;
+                    false
+                }
+            };
+        if finished {
+            tracing::info!(
+                step = "drain",
+                duration_ms = millis_since(step),
+                "drain: every call finished"
+            );
+        } else {
+            // 4. End what is left.
+            tracing::warn!(
+                step = "drain",
+                duration_ms = millis_since(step),
+                fast,
+                in_flight = self.in_flight.in_flight(),
+                connections = connections.len(),
+                "drain: ending the calls still in progress with UNAVAILABLE"
+            );
+            let step = Instant::now();
+            self.drain.cut();
+            if tokio::time::timeout(CUT_GRACE, connections.wait())
+                .await
+                .is_err()
+            {
+                stop.abort.cancel();
+                connections.wait().await;
+            }
+            tracing::warn!(
+                step = "cancel",
+                duration_ms = millis_since(step),
+                calls_ended = self.drain.calls_cut(),
+                "drain: calls in progress ended, their transactions rolled back"
+            );
+        }
+
+        let step = Instant::now();
+        if tokio::time::timeout(POOL_CLOSE_TIMEOUT, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?POOL_CLOSE_TIMEOUT, "database pool not closed in time");
+        }
+        tracing::info!(
+            step = "close_pool",
+            duration_ms = millis_since(step),
+            "drain: database pool closed"
+        );
+        background.cancel();
+        tracing::info!(duration_ms = millis_since(drain_started), "server stopped");
+        Ok(())
+    }
+
+    /// Accepts connections from `incoming` until `until` completes (its output) or `incoming` ends
+    /// (`None`).
+    async fn accept_until<I, IO, IE, T>(
+        &self,
+        incoming: &mut Pin<Box<I>>,
+        mut until: Pin<&mut impl Future<Output = T>>,
+        connections: &TaskTracker,
+        stop: &Stop,
+    ) -> Option<T>
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: Socket,
+        IE: std::fmt::Display,
+    {
         loop {
             let accepted = tokio::select! {
-                () = &mut shutdown => break,
+                output = until.as_mut() => return Some(output),
                 accepted = incoming.next() => accepted,
             };
             match accepted {
@@ -276,7 +455,7 @@ impl Application {
                         self.tls.clone(),
                         self.service.clone(),
                         Arc::clone(&self.connections),
-                        stop_connections.child_token(),
+                        stop.clone(),
                     ));
                 }
                 Some(Err(err)) => {
@@ -284,26 +463,21 @@ impl Application {
                     tracing::warn!(error = %err, "cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                None => break,
+                None => return None,
             }
         }
-
-        // Stop the watch first so it cannot report SERVING again, then tell clients and load
-        // balancers to go elsewhere while the calls already running finish.
-        background.cancel();
-        if let Err(err) = watcher.await {
-            tracing::error!(error = %err, "health watch task failed");
-        }
-        health::set_all(&self.health, ServingStatus::NotServing).await;
-        tracing::info!("draining in-flight calls");
-        drop(incoming); // No new connections from here on.
-        stop_connections.cancel();
-        connections.close();
-        connections.wait().await;
-        self.store.close().await;
-        tracing::info!("server stopped");
-        Ok(())
     }
+}
+
+/// Completes on the next shutdown request; never, once there can be none.
+async fn next_request(requests: &mut Pin<&mut impl Stream<Item = ()>>) {
+    if requests.next().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn millis_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The `serve` command: listens on `server.grpc_addr`, and serves metrics on `server.metrics_addr`,
@@ -329,14 +503,15 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
     };
     tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
     let served = application
-        .serve_with_incoming(incoming(listener), shutdown::signal())
+        .serve_until(incoming(listener), shutdown::requests())
         .await;
     // Scrapes go on while the calls drain, so the last of them are counted; then the endpoint stops.
     stop_metrics.cancel();
-    if let Some(endpoint) = metrics_endpoint
-        && let Err(err) = endpoint.await
-    {
-        tracing::error!(error = %err, "metrics endpoint task failed");
+    if let Some(endpoint) = metrics_endpoint {
+        match endpoint.await {
+            Ok(()) => tracing::info!(step = "stop_metrics", "drain: metrics endpoint stopped"),
+            Err(err) => tracing::error!(error = %err, "metrics endpoint task failed"),
+        }
     }
     served
 }

@@ -6,7 +6,13 @@ mod instrumented;
 mod postgres;
 mod sqlite;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -124,28 +130,75 @@ pub fn connect(
     })
 }
 
+/// While the database looks down, the longest a call waits for a connection: long enough to open one
+/// to a database that is back, short enough that calls fail fast during an outage.
+const OUTAGE_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How a store takes its connections: the wait is recorded, and an outage makes calls fail fast.
+#[derive(Debug, Clone)]
+struct Acquire {
+    instruments: StoreInstruments,
+    /// The last attempt failed with connections to spare: the database is unreachable, not busy.
+    /// The first success (a call's, or a health check's) clears it.
+    outage: Arc<AtomicBool>,
+}
+
+impl Acquire {
+    fn new(instruments: &StoreInstruments) -> Self {
+        Self {
+            instruments: instruments.clone(),
+            outage: Arc::default(),
+        }
+    }
+}
+
 /// Takes a connection from `pool`, recording the wait. However that fails (the pool timed out or is
 /// closed; the database refused the connection, reset it or cut its handshake short), this call
 /// cannot reach the database and a retry later may: it is UNAVAILABLE whatever kind of error the
-/// driver reports.
+/// driver reports. During an outage the wait is bounded by [`OUTAGE_ACQUIRE_TIMEOUT`] instead of
+/// `database.acquire_timeout` (sqlx keeps retrying a refused connection until its timeout).
 async fn connection<DB: Database>(
     pool: &Pool<DB>,
-    instruments: &StoreInstruments,
+    acquire: &Acquire,
 ) -> Result<PoolConnection<DB>> {
     let started = Instant::now();
-    let conn = pool.acquire().await.map_err(Error::Unavailable);
-    instruments.connection_wait(started.elapsed().as_secs_f64());
-    conn
+    let in_outage = acquire.outage.load(Ordering::Relaxed);
+    let acquired = if in_outage {
+        tokio::time::timeout(OUTAGE_ACQUIRE_TIMEOUT, pool.acquire())
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    } else {
+        pool.acquire().await
+    };
+    acquire
+        .instruments
+        .connection_wait(started.elapsed().as_secs_f64());
+    match acquired {
+        Ok(conn) => {
+            if in_outage {
+                acquire.outage.store(false, Ordering::Relaxed);
+            }
+            Ok(conn)
+        }
+        Err(err) => {
+            // Every connection busy is overload, which waiting in the pool is for; fewer open than
+            // allowed and none to be had is an outage.
+            if pool.size() < pool.options().get_max_connections() {
+                acquire.outage.store(true, Ordering::Relaxed);
+            }
+            Err(Error::Unavailable(err))
+        }
+    }
 }
 
 /// Starts a transaction with `begin` (`BEGIN`, or a backend's own variant) on a connection taken as
 /// [`connection`] takes it.
 async fn transaction<DB: Database>(
     pool: &Pool<DB>,
-    instruments: &StoreInstruments,
+    acquire: &Acquire,
     begin: &'static str,
 ) -> Result<Transaction<'static, DB>> {
-    let conn = connection(pool, instruments).await?;
+    let conn = connection(pool, acquire).await?;
     Ok(Transaction::begin(conn, Some(begin.into_sql_str())).await?)
 }
 

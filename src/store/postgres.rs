@@ -12,7 +12,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current, not_pending,
+    Acquire, OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current,
+    not_pending,
 };
 use crate::{
     config::DatabaseSettings,
@@ -39,7 +40,7 @@ const INSERT_ORDER_LOCK: i64 = 0x6f72_6465_7273; // "orders"
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    instruments: StoreInstruments,
+    acquire: Acquire,
 }
 
 impl PostgresStore {
@@ -66,7 +67,7 @@ impl PostgresStore {
             .connect_lazy_with(options.application_name(env!("CARGO_PKG_NAME")));
         Self {
             pool,
-            instruments: instruments.clone(),
+            acquire: Acquire::new(instruments),
         }
     }
 }
@@ -79,7 +80,7 @@ impl OrderStore for PostgresStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
-        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.acquire, "BEGIN").await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(INSERT_ORDER_LOCK)
             .execute(&mut *tx)
@@ -127,7 +128,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = $1"))
             .bind(id.as_uuid())
             .fetch_optional(&mut *conn)
@@ -137,7 +138,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -153,13 +154,13 @@ impl OrderStore for PostgresStore {
 
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
-        let instruments = self.instruments.clone();
+        let acquire = self.acquire.clone();
         let query = query.to_owned();
         // lower() folds case by the database's LC_CTYPE: all of Unicode under a UTF-8 locale (what the
         // official images and managed services default to), only ASCII under the plain C locale. Every
         // row is scanned: a large table wants pg_trgm GIN indexes, and a query shaped to use them.
         Box::pin(async_stream::try_stream! {
-            let mut conn = super::connection(&pool, &instruments).await?;
+            let mut conn = super::connection(&pool, &acquire).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE strpos(lower(description), lower($1)) > 0",
@@ -175,7 +176,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn update(&self, updates: &[OrderUpdate]) -> Result<()> {
-        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.acquire, "BEGIN").await?;
         let now = domain::now();
         for update in updates {
             let details = &update.details;
@@ -202,7 +203,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn ship(&self, ids: &[OrderId]) -> Result<Vec<Order>> {
-        let mut tx = super::transaction(&self.pool, &self.instruments, "BEGIN").await?;
+        let mut tx = super::transaction(&self.pool, &self.acquire, "BEGIN").await?;
         let now = domain::now();
         let mut shipped = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -231,7 +232,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 

@@ -11,7 +11,8 @@ use sqlx::{
 };
 
 use super::{
-    OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current, not_pending,
+    Acquire, OrderStore, OrderStream, Page, PageCursor, PoolStatus, ensure_schema_current,
+    not_pending,
 };
 use crate::{
     config::DatabaseSettings,
@@ -32,7 +33,7 @@ macro_rules! columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    instruments: StoreInstruments,
+    acquire: Acquire,
 }
 
 impl SqliteStore {
@@ -53,7 +54,7 @@ impl SqliteStore {
             .connect_lazy_with(options);
         Ok(Self {
             pool,
-            instruments: instruments.clone(),
+            acquire: Acquire::new(instruments),
         })
     }
 
@@ -61,7 +62,7 @@ impl SqliteStore {
     /// transaction that reads first fails with SQLITE_BUSY instead of waiting when another writer got
     /// in between; taking the lock up front makes writers queue behind each other.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        super::transaction(&self.pool, &self.instruments, "BEGIN IMMEDIATE").await
+        super::transaction(&self.pool, &self.acquire, "BEGIN IMMEDIATE").await
     }
 }
 
@@ -73,7 +74,7 @@ impl OrderStore for SqliteStore {
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
         let now = domain::now();
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         let inserted: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (id, request_id, items, description, price_cents, destination,",
             " status, create_time, update_time, items_folded, description_folded)",
@@ -115,7 +116,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         sqlx::query_as::<_, OrderRow>(concat!("SELECT ", columns!(), " FROM orders WHERE id = ?1"))
             .bind(id.to_string())
             .fetch_optional(&mut *conn)
@@ -125,7 +126,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -141,10 +142,10 @@ impl OrderStore for SqliteStore {
 
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
-        let instruments = self.instruments.clone();
+        let acquire = self.acquire.clone();
         let folded_query = query.to_lowercase();
         Box::pin(async_stream::try_stream! {
-            let mut conn = super::connection(&pool, &instruments).await?;
+            let mut conn = super::connection(&pool, &acquire).await?;
             let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ", columns!(), " FROM orders",
                 " WHERE instr(description_folded, ?1) > 0",
@@ -220,7 +221,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = super::connection(&self.pool, &self.instruments).await?;
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 

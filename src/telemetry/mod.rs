@@ -50,12 +50,17 @@ impl Telemetry {
         let Some(provider) = self.tracer_provider else {
             return;
         };
+        let started = std::time::Instant::now();
         let timeout = self.flush_timeout;
         // The SDK's shutdown blocks its caller until the batch thread is done: off the runtime's
         // workers, so that the exporter's own tasks can still run.
         let flushed = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
         match tokio::time::timeout(timeout + Duration::from_secs(1), flushed).await {
-            Ok(Ok(Ok(()))) => tracing::debug!("spans flushed"),
+            Ok(Ok(Ok(()))) => tracing::info!(
+                step = "flush_telemetry",
+                duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "shutdown: pending spans flushed"
+            ),
             Ok(Ok(Err(err))) => tracing::warn!(error = %err, "cannot flush pending spans"),
             Ok(Err(err)) => tracing::warn!(error = %err, "span flush task failed"),
             Err(_) => tracing::warn!(?timeout, "pending spans not flushed in time"),

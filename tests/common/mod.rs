@@ -12,6 +12,7 @@ use std::{str::FromStr, sync::Arc, time::Duration};
 use app::{
     api::{self, order_service_client::OrderServiceClient},
     config::{DatabaseUrl, Settings},
+    health::ORDER_SERVICE_NAME,
     server::{Application, ServerError},
     store::{OrderStore, SqliteStore},
     telemetry::metrics::{Metrics, StoreInstruments},
@@ -92,7 +93,8 @@ impl TestApp {
         configure: impl FnOnce(&mut Settings),
     ) -> Option<Self> {
         let app = Self::start(backend, configure, true).await?;
-        app.wait_for_status("", ServingStatus::Serving).await;
+        app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
+            .await;
         Some(app)
     }
 
@@ -112,7 +114,8 @@ impl TestApp {
         wrap: impl FnOnce(Arc<dyn OrderStore>) -> Arc<dyn OrderStore>,
     ) -> Option<Self> {
         let app = Self::start_wrapping(backend, configure, true, wrap).await?;
-        app.wait_for_status("", ServingStatus::Serving).await;
+        app.wait_for_status(ORDER_SERVICE_NAME, ServingStatus::Serving)
+            .await;
         Some(app)
     }
 
@@ -613,6 +616,8 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 pub fn test_settings() -> Settings {
     let mut settings = Settings::default();
     settings.health.check_interval = Duration::from_millis(50);
+    // No load balancer to wait for in memory: the drain starts at once.
+    settings.shutdown.drain_delay = Duration::ZERO;
     settings.database.max_connections = 5.try_into().expect("non-zero");
     settings
 }
