@@ -327,15 +327,39 @@ impl Default for ShutdownSettings {
     }
 }
 
-/// How clients of this service connect to it: the `healthcheck` probe, which talks TLS whenever
-/// the server does (`tls.cert_file` set).
+/// How clients of this service connect to it: the reference client (`app::client`) and the
+/// `healthcheck` probe, which talks TLS whenever the server does (`tls.cert_file` set).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientSettings {
-    /// Deadline of a call that sets none of its own.
+    /// Where the servers are: `host:port` entries used as they are, or `dns:///host:port` entries
+    /// re-resolved every `resolve_interval` (a Kubernetes headless Service). Calls are spread over
+    /// every address, round robin.
+    pub targets: Vec<String>,
+    /// How often `dns:///` targets are resolved again.
+    #[serde(with = "humantime_serde")]
+    pub resolve_interval: Duration,
+    /// Deadline of a call that sets none of its own, retries included.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// PEM CA certificates that the server's certificate must chain to.
+    /// Attempts per call, the first included.
+    pub max_attempts: NonZeroU32,
+    /// Backoff before the first retry; it doubles per retry up to `max_backoff`, and each wait is
+    /// drawn at random below it (full jitter).
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retry throttling as in gRPC (A6): a bucket of this many tokens; a failed call takes one, a
+    /// successful call gives back `retry_token_ratio`; retries stop while it is half empty or less.
+    pub retry_budget: NonZeroU32,
+    pub retry_token_ratio: f64,
+    /// HTTP/2 PING interval on each connection, and how long an answer may take.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// PEM CA certificates that the server's certificate must chain to; set, the client uses TLS.
     pub ca_file: Option<PathBuf>,
     /// PEM certificate chain presented to a server that asks for one (mutual TLS).
     pub cert_file: Option<PathBuf>,
@@ -343,16 +367,28 @@ pub struct ClientSettings {
     pub key_file: Option<PathBuf>,
     /// The name the server's certificate must carry; empty: the host being dialled.
     pub server_name: String,
+    /// A file holding the bearer token sent with every call (`auth.mode = "jwt"` servers).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ClientSettings {
     fn default() -> Self {
         Self {
+            targets: vec!["127.0.0.1:50051".to_owned()],
+            resolve_interval: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
+            max_attempts: NonZeroU32::new(4).unwrap_or(NonZeroU32::MIN),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            retry_budget: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            retry_token_ratio: 0.1,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
             ca_file: None,
             cert_file: None,
             key_file: None,
             server_name: String::new(),
+            token_file: None,
         }
     }
 }
@@ -642,6 +678,9 @@ impl Settings {
         if self.client.cert_file.is_some() != self.client.key_file.is_some() {
             return Err("client.cert_file and client.key_file must be set together".to_owned());
         }
+        if !(self.client.retry_token_ratio > 0.0 && self.client.retry_token_ratio <= 1.0) {
+            return Err("client.retry_token_ratio must be above 0 and at most 1".to_owned());
+        }
         if self.auth.mode == AuthMode::Jwt {
             let auth = &self.auth;
             if auth.jwt_secret_file.is_some() == auth.jwt_public_key_file.is_some() {
@@ -662,6 +701,8 @@ impl Settings {
             ("server.keepalive_timeout", self.server.keepalive_timeout),
             ("health.check_interval", self.health.check_interval),
             ("client.timeout", self.client.timeout),
+            ("client.resolve_interval", self.client.resolve_interval),
+            ("client.keepalive_timeout", self.client.keepalive_timeout),
             ("telemetry.flush_timeout", self.telemetry.flush_timeout),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, value)| value.is_zero()) {

@@ -1178,6 +1178,146 @@ mod drain {
         assert_eq!(rows, 0, "no half-written order");
     }
 
+    /// Two instances on one database, the reference client spreading CreateOrder and GetOrder over
+    /// both; one is stopped mid-run and replaced by a third on a fresh port that the client is told
+    /// about. No call fails, and every acknowledged order is readable afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rolling_restart_under_load_fails_no_call_and_loses_no_order() {
+        use std::sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, Ordering},
+        };
+
+        use app::client::{CallOptions, Client};
+
+        let Some((url, _conn, _database)) = database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env = [
+            ("APP_DATABASE__URL", url.as_str()),
+            ("APP_SHUTDOWN__DRAIN_DELAY", "1s"),
+            ("APP_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
+        ];
+        let mut first = RunningServer::start_with(dir.path(), &env).await;
+        let second = RunningServer::start_with(dir.path(), &env).await;
+        first.wait_until_serving().await;
+        second.wait_until_serving().await;
+        let settings = app::config::ClientSettings {
+            targets: vec![first.addr.clone(), second.addr.clone()],
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let client = Client::new(&settings).await.expect("client");
+
+        // Callers: create, then read back, until told to stop (bounded by the test's end).
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(Mutex::new(Vec::<api::Order>::new()));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (client, stop, acknowledged) =
+                    (client.clone(), Arc::clone(&stop), Arc::clone(&acknowledged));
+                tokio::spawn(async move {
+                    let (mut calls, mut failures, mut worst) = (0u32, Vec::new(), Duration::ZERO);
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = std::time::Instant::now();
+                        let created = client
+                            .create_order(
+                                api::CreateOrderRequest {
+                                    order: Some(api::Order {
+                                        items: vec!["rolling".into()],
+                                        destination: "Oslo".into(),
+                                        ..Default::default()
+                                    }),
+                                    request_id: String::new(),
+                                },
+                                CallOptions::default(),
+                            )
+                            .await;
+                        worst = worst.max(started.elapsed());
+                        calls += 1;
+                        let order = match created {
+                            Ok(response) => response.order.expect("order"),
+                            Err(status) => {
+                                failures.push(status);
+                                continue;
+                            }
+                        };
+                        acknowledged.lock().expect("list").push(order.clone());
+                        let started = std::time::Instant::now();
+                        let read = client
+                            .get_order(
+                                api::GetOrderRequest {
+                                    id: order.id.clone(),
+                                },
+                                CallOptions::default(),
+                            )
+                            .await;
+                        worst = worst.max(started.elapsed());
+                        calls += 1;
+                        if let Err(status) = read {
+                            failures.push(status);
+                        }
+                    }
+                    (calls, failures, worst)
+                })
+            })
+            .collect();
+
+        let acknowledged_count = || acknowledged.lock().expect("list").len();
+        let at_least = |count: usize| {
+            eventually("orders acknowledged", Duration::from_secs(60), move || {
+                let reached = acknowledged_count() >= count;
+                async move { reached }
+            })
+        };
+        at_least(50).await;
+        // The rolling restart: the first instance drains and exits while the client still has it
+        // in its list (as with a DNS answer not yet expired), so calls meet its refusals and retry
+        // elsewhere; then its replacement comes up on a new port and the client learns of it.
+        send_signal(&first.child, "TERM").await;
+        let exit = tokio::time::timeout(Duration::from_secs(60), first.child.wait())
+            .await
+            .expect("the first instance drains and exits")
+            .expect("exit status");
+        assert!(exit.success(), "{exit}");
+        let during = acknowledged_count();
+        at_least(during + 50).await;
+        let replacement = RunningServer::start_with(dir.path(), &env).await;
+        replacement.wait_until_serving().await;
+        client
+            .set_targets(&[second.addr.clone(), replacement.addr.clone()])
+            .await
+            .expect("new targets");
+        let before = acknowledged_count();
+        at_least(before + 100).await;
+        stop.store(true, Ordering::Relaxed);
+
+        let (mut calls, mut failures, mut worst) = (0, Vec::new(), Duration::ZERO);
+        for worker in workers {
+            let (worker_calls, worker_failures, worker_worst) = worker.await.expect("worker");
+            calls += worker_calls;
+            failures.extend(worker_failures);
+            worst = worst.max(worker_worst);
+        }
+        // Reported, not asserted: timings belong to benchmarks.
+        eprintln!("rolling restart: {calls} calls, worst latency {worst:?}");
+        assert!(failures.is_empty(), "failed calls: {failures:?}");
+        let acknowledged = acknowledged.lock().expect("list").clone();
+        for order in &acknowledged {
+            let read = client
+                .get_order(
+                    api::GetOrderRequest {
+                        id: order.id.clone(),
+                    },
+                    CallOptions::default(),
+                )
+                .await
+                .expect("every acknowledged order is readable");
+            assert_eq!(read.order.as_ref(), Some(order));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_signal_during_the_drain_exits_at_once() {
         let Some((url, mut conn, _database)) = database().await else {
