@@ -1,7 +1,7 @@
 //! Health as `grpc.health.v1.Health` reports it, in two meanings:
 //! - liveness, the whole server (`""`): the process is alive and not draining. It stays SERVING through
 //!   a database outage, because restarting the process would not bring the database back;
-//! - readiness, the order API (`order.v1.OrderService`): ready to serve orders. A background task
+//! - readiness, the order API ([`ORDER_SERVICE_NAME`]): ready to serve orders. A background task
 //!   applies migrations (when configured to), then keeps checking the database; this status follows
 //!   it.
 //!

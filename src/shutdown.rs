@@ -18,7 +18,11 @@ pub async fn signal() {
     requests.next().await;
 }
 
+/// The listeners, kept for the whole drain: a signal that arrives while nobody is waiting is
+/// delivered at the next wait instead of being lost.
 struct Signals {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
 }
@@ -28,38 +32,44 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let terminate = signal(SignalKind::terminate())
-                .inspect_err(|err| tracing::error!(error = %err, "cannot listen for SIGTERM"))
-                .ok();
-            Self { terminate }
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind)
+                    .inspect_err(|err| tracing::error!(error = %err, "cannot listen for {name}"))
+                    .ok()
+            };
+            Self {
+                interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            }
         }
         #[cfg(not(unix))]
         Self {}
     }
 
     /// The next signal's name.
+    #[cfg(unix)]
     async fn recv(&mut self) -> &'static str {
-        let interrupt = async {
-            if let Err(err) = tokio::signal::ctrl_c().await {
-                tracing::error!(error = %err, "cannot listen for Ctrl-C");
-                std::future::pending::<()>().await;
-            }
-        };
-        #[cfg(unix)]
-        let terminate = async {
-            let received = match self.terminate.as_mut() {
-                Some(terminate) => terminate.recv().await.is_some(),
+        async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+            let received = match signal {
+                Some(signal) => signal.recv().await.is_some(),
                 None => false,
             };
             if !received {
                 std::future::pending::<()>().await;
             }
-        };
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<()>();
-        tokio::select! {
-            () = interrupt => "SIGINT",
-            () = terminate => "SIGTERM",
         }
+        tokio::select! {
+            () = next(self.interrupt.as_mut()) => "SIGINT",
+            () = next(self.terminate.as_mut()) => "SIGTERM",
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) -> &'static str {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+        "Ctrl-C"
     }
 }

@@ -273,7 +273,7 @@ mod database_outages {
     }
 
     /// A TCP relay to the database that the test can cut like a network partition: cut, it closes
-    /// every relayed connection and refuses new ones until it is restored.
+    /// every relayed connection, and accepts new ones without ever answering until it is restored.
     struct Link {
         addr: SocketAddr,
         cut: watch::Sender<bool>,
@@ -290,7 +290,10 @@ mod database_outages {
                     let mut cut_changes = cut_changes.clone();
                     tokio::spawn(async move {
                         if *cut_changes.borrow_and_update() {
-                            return; // dropping `client` closes it at once
+                            // A partition, not a refusal: the connection is accepted and never
+                            // answered, so a client waits out its own timeouts.
+                            let _ = cut_changes.wait_for(|cut| !*cut).await;
+                            return;
                         }
                         let Ok(mut server) = TcpStream::connect(upstream).await else {
                             return;

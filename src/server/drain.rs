@@ -1,8 +1,8 @@
 //! The end of a drain: calls still running when `shutdown.drain_timeout` passes (or when a second
 //! signal asks for a fast exit) are ended with UNAVAILABLE, so that their clients retry elsewhere
-//! instead of holding the shutdown. A handler still working is dropped (its query cancelled, its
-//! transaction rolled back); a stream, server or bidirectional, ends with UNAVAILABLE trailers after
-//! the last whole message it sent.
+//! instead of holding the shutdown. A handler still working is dropped, so its transaction never
+//! commits (the database rolls it back when its connection is closed or reused); a stream, server or
+//! bidirectional, ends with UNAVAILABLE trailers after the last whole message it sent.
 //!
 //! Written by hand because nothing in tonic or tower ends calls from outside: tonic's shutdown waits
 //! for every stream without bound. The hot path pays one `Arc` clone per call; a call registers to
@@ -61,7 +61,7 @@ impl DrainLayer {
         self.cut.notify.notify_waiters();
     }
 
-    /// How many calls the cut has ended so far.
+    /// How many calls (health watches aside) the cut has ended so far.
     pub fn calls_cut(&self) -> usize {
         self.cut.ended.load(Ordering::Acquire)
     }
@@ -139,7 +139,10 @@ impl Waiter {
 
     fn end(&mut self) -> bool {
         self.notified = None;
-        self.cut.ended.fetch_add(1, Ordering::AcqRel);
+        // Watches ended at GOAWAY are the drain going as planned, not calls cut short.
+        if !self.is_watch {
+            self.cut.ended.fetch_add(1, Ordering::AcqRel);
+        }
         true
     }
 }
@@ -199,7 +202,7 @@ where
         if let Some(waiter) = this.waiter.as_mut()
             && waiter.poll_cut(cx)
         {
-            // Dropping the handler's future cancels its query and rolls back its transaction.
+            // Dropping the handler's future drops its transaction uncommitted.
             this.inner.set(None);
             let (parts, ()) = shutting_down().into_http::<()>().into_parts();
             return Poll::Ready(Ok(http::Response::from_parts(

@@ -76,12 +76,16 @@ pub type CallStack = Observe<
     >,
 >;
 
-/// After the drain timeout, how long calls ended with UNAVAILABLE get to send it before their
-/// connections are dropped.
+/// At the end of the drain timeout, how long calls ended with UNAVAILABLE get to send it before
+/// their connections are dropped.
 const CUT_GRACE: Duration = Duration::from_secs(1);
 
-/// How long closing the database pool may take once no call holds a connection.
-const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long closing the database pool may take. A statement of a cut call may still be running on
+/// its connection; the pool is then left to the process's exit, which closes it.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the metrics endpoint may take to finish its last scrapes.
+const METRICS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -100,6 +104,8 @@ pub enum ServerError {
     Auth(#[from] AuthError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("the shutdown did not go cleanly: {0}")]
+    Shutdown(String),
     #[error("cannot set up the metrics: {0}")]
     Metrics(#[from] MetricsError),
 }
@@ -325,12 +331,15 @@ impl Application {
         // 1. Stop the watch first so that it cannot report SERVING again, then tell everyone.
         let drain_started = Instant::now();
         stop_health_watch.cancel();
+        let mut failure = None;
         if let Err(err) = watcher.await {
             tracing::error!(error = %err, "health watch task failed");
+            failure = Some(format!("the health watch task failed: {err}"));
         }
         health::draining(&self.health).await;
         tracing::info!(
             step = "not_serving",
+            duration_ms = millis_since(drain_started),
             in_flight = self.in_flight.in_flight(),
             connections = connections.len(),
             drain_delay = ?self.shutdown.drain_delay,
@@ -373,7 +382,8 @@ impl Application {
         let finished = !fast
             && tokio::select! {
                 () = connections.wait() => true,
-                () = tokio::time::sleep(self.shutdown.drain_timeout) => false,
+                // The cut's grace comes out of the timeout, so that the whole step keeps to it.
+                () = tokio::time::sleep(self.shutdown.drain_timeout.saturating_sub(CUT_GRACE)) => false,
                 () = next_request(&mut requests) => {
                     fast = true;
                     false
@@ -408,7 +418,7 @@ impl Application {
                 step = "cancel",
                 duration_ms = millis_since(step),
                 calls_ended = self.drain.calls_cut(),
-                "drain: calls in progress ended, their transactions rolled back"
+                "drain: calls in progress ended; their transactions never commit"
             );
         }
 
@@ -426,7 +436,10 @@ impl Application {
         );
         background.cancel();
         tracing::info!(duration_ms = millis_since(drain_started), "server stopped");
-        Ok(())
+        match failure {
+            None => Ok(()),
+            Some(failure) => Err(ServerError::Shutdown(failure)),
+        }
     }
 
     /// Accepts connections from `incoming` until `until` completes (its output) or `incoming` ends
@@ -502,16 +515,29 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         _ => None,
     };
     tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
-    let served = application
+    let mut served = application
         .serve_until(incoming(listener), shutdown::requests())
         .await;
     // Scrapes go on while the calls drain, so the last of them are counted; then the endpoint stops.
     stop_metrics.cancel();
-    if let Some(endpoint) = metrics_endpoint {
-        match endpoint.await {
-            Ok(()) => tracing::info!(step = "stop_metrics", "drain: metrics endpoint stopped"),
-            Err(err) => tracing::error!(error = %err, "metrics endpoint task failed"),
+    if let Some(mut endpoint) = metrics_endpoint {
+        let step = Instant::now();
+        match tokio::time::timeout(METRICS_STOP_TIMEOUT, &mut endpoint).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "metrics endpoint task failed");
+                served = served.and(Err(ServerError::Shutdown(format!(
+                    "the metrics endpoint task failed: {err}"
+                ))));
+            }
+            // A scraper that stopped reading must not hold the exit.
+            Err(_) => endpoint.abort(),
         }
+        tracing::info!(
+            step = "stop_metrics",
+            duration_ms = millis_since(step),
+            "drain: metrics endpoint stopped"
+        );
     }
     served
 }

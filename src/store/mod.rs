@@ -7,6 +7,7 @@ mod postgres;
 mod sqlite;
 
 use std::{
+    pin::pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -131,7 +132,8 @@ pub fn connect(
 }
 
 /// While the database looks down, the longest a call waits for a connection: long enough to open one
-/// to a database that is back, short enough that calls fail fast during an outage.
+/// to a database that is back, short enough that calls fail fast during an outage. An acquire that
+/// takes longer while the pool could open a connection is what marks the database down.
 const OUTAGE_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// How a store takes its connections: the wait is recorded, and an outage makes calls fail fast.
@@ -161,29 +163,56 @@ async fn connection<DB: Database>(
     pool: &Pool<DB>,
     acquire: &Acquire,
 ) -> Result<PoolConnection<DB>> {
-    let started = Instant::now();
     let in_outage = acquire.outage.load(Ordering::Relaxed);
-    let acquired = if in_outage {
-        tokio::time::timeout(OUTAGE_ACQUIRE_TIMEOUT, pool.acquire())
-            .await
-            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-    } else {
-        pool.acquire().await
+    take(pool, acquire, in_outage).await
+}
+
+/// [`connection`] for the health check, never cut short by an outage: it is how the database is
+/// found back, also when opening a connection to it takes longer than the outage bound.
+async fn connection_for_check<DB: Database>(
+    pool: &Pool<DB>,
+    acquire: &Acquire,
+) -> Result<PoolConnection<DB>> {
+    take(pool, acquire, false).await
+}
+
+async fn take<DB: Database>(
+    pool: &Pool<DB>,
+    acquire: &Acquire,
+    cut_short: bool,
+) -> Result<PoolConnection<DB>> {
+    // Every connection busy is overload, which waiting in the pool is for; fewer open than allowed
+    // and none to be had is an outage.
+    let could_open = || pool.size() < pool.options().get_max_connections();
+    let started = Instant::now();
+    let mut acquiring = pin!(pool.acquire());
+    let acquired = match tokio::time::timeout(OUTAGE_ACQUIRE_TIMEOUT, acquiring.as_mut()).await {
+        Ok(acquired) => acquired,
+        Err(_) => {
+            // Noted now rather than when the acquire gives up, which the caller's deadline may
+            // never let it reach.
+            if could_open() {
+                acquire.outage.store(true, Ordering::Relaxed);
+            }
+            if cut_short {
+                Err(sqlx::Error::PoolTimedOut)
+            } else {
+                acquiring.await
+            }
+        }
     };
     acquire
         .instruments
         .connection_wait(started.elapsed().as_secs_f64());
     match acquired {
         Ok(conn) => {
-            if in_outage {
+            if acquire.outage.load(Ordering::Relaxed) {
                 acquire.outage.store(false, Ordering::Relaxed);
             }
             Ok(conn)
         }
         Err(err) => {
-            // Every connection busy is overload, which waiting in the pool is for; fewer open than
-            // allowed and none to be had is an outage.
-            if pool.size() < pool.options().get_max_connections() {
+            if could_open() {
                 acquire.outage.store(true, Ordering::Relaxed);
             }
             Err(Error::Unavailable(err))

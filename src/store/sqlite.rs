@@ -221,7 +221,7 @@ impl OrderStore for SqliteStore {
     }
 
     async fn check_ready(&self) -> Result<()> {
-        let mut conn = super::connection(&self.pool, &self.acquire).await?;
+        let mut conn = super::connection_for_check(&self.pool, &self.acquire).await?;
         ensure_schema_current(&mut *conn, &MIGRATOR).await
     }
 
