@@ -494,7 +494,10 @@ fn parse_targets(targets: &[String]) -> Result<Vec<Target>, ClientError> {
         .collect()
 }
 
-fn tls_config(settings: &ClientSettings) -> Result<Option<ClientTlsConfig>, ClientError> {
+/// TLS as `settings` configure it: `None` without `client.ca_file`.
+pub(crate) fn tls_config(
+    settings: &ClientSettings,
+) -> Result<Option<ClientTlsConfig>, ClientError> {
     let Some(ca_file) = &settings.ca_file else {
         return Ok(None);
     };

@@ -5,16 +5,18 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
     time::Duration,
 };
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Endpoint;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::config::Settings;
+use crate::{
+    client::{self, ClientError},
+    config::Settings,
+};
 
 /// What to ask, and of whom.
 #[derive(Debug, Clone)]
@@ -34,12 +36,8 @@ pub enum HealthcheckError {
         addr: String,
         source: tonic::transport::Error,
     },
-    #[error("cannot read {key} {path:?}: {source}")]
-    File {
-        key: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ClientSettings(#[from] ClientError),
     #[error(
         "the server uses TLS (tls.cert_file is set): set client.ca_file to the CA that signed it"
     )]
@@ -144,28 +142,8 @@ fn endpoint(settings: &Settings, addr: &str) -> Result<Endpoint, HealthcheckErro
     if !tls {
         return Ok(endpoint);
     }
-    let client = &settings.client;
-    let ca_file = client.ca_file.as_deref().ok_or(HealthcheckError::NoCa)?;
-    let mut config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("client.ca_file", ca_file)?));
-    if let (Some(cert), Some(key)) = (&client.cert_file, &client.key_file) {
-        config = config.identity(Identity::from_pem(
-            read("client.cert_file", cert)?,
-            read("client.key_file", key)?,
-        ));
-    }
-    if !client.server_name.is_empty() {
-        config = config.domain_name(client.server_name.clone());
-    }
+    let config = client::tls_config(&settings.client)?.ok_or(HealthcheckError::NoCa)?;
     endpoint.tls_config(config).map_err(HealthcheckError::Tls)
-}
-
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, HealthcheckError> {
-    std::fs::read(path).map_err(|source| HealthcheckError::File {
-        key,
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// A server listening on every interface is reached on loopback.

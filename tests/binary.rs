@@ -918,6 +918,36 @@ mod drain {
         Some((url, conn, database))
     }
 
+    /// Waits, bounded, for the server to exit, and checks that it exited 0.
+    async fn exits_cleanly(server: &mut RunningServer, why: &str) {
+        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("no exit within a minute: {why}"))
+            .expect("exit status");
+        assert!(exit.success(), "{why}: {exit}");
+    }
+
+    /// A server on a schema of its own, with the drain delay and timeout given; the connection is
+    /// the test's own, into the same schema.
+    async fn start_on_postgres(
+        dir: &std::path::Path,
+        drain_delay: &str,
+        drain_timeout: &str,
+    ) -> Option<(RunningServer, String, PgConnection, TestDatabase)> {
+        let (url, conn, database) = database().await?;
+        let server = RunningServer::start_with(
+            dir,
+            &[
+                ("APP_DATABASE__URL", &url),
+                ("APP_SHUTDOWN__DRAIN_DELAY", drain_delay),
+                ("APP_SHUTDOWN__DRAIN_TIMEOUT", drain_timeout),
+            ],
+        )
+        .await;
+        server.wait_until_serving().await;
+        Some((server, url, conn, database))
+    }
+
     /// Holds a lock on `orders` that lets reads through and makes every write wait, until the
     /// returned transaction ends.
     async fn block_writes(conn: &mut PgConnection) -> sqlx::Transaction<'_, sqlx::Postgres> {
@@ -992,20 +1022,12 @@ mod drain {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigterm_reports_not_serving_serves_through_the_delay_and_lets_calls_finish() {
-        let Some((url, mut conn, _database)) = database().await else {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some((mut server, url, mut conn, _database)) =
+            start_on_postgres(dir.path(), "3s", "60s").await
+        else {
             return;
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RunningServer::start_with(
-            dir.path(),
-            &[
-                ("APP_DATABASE__URL", &url),
-                ("APP_SHUTDOWN__DRAIN_DELAY", "3s"),
-                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "60s"),
-            ],
-        )
-        .await;
-        server.wait_until_serving().await;
         let channel = server.channel().await;
         let mut orders = OrderServiceClient::new(channel.clone());
         let batch = [
@@ -1103,11 +1125,7 @@ mod drain {
         assert_eq!(shipment.shipment.map(|s| s.orders.len()), Some(3));
         assert!(shipments.message().await.expect("OK").is_none());
 
-        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
-            .await
-            .expect("exits within delay + timeout")
-            .expect("exit status");
-        assert!(exit.success(), "{exit}");
+        exits_cleanly(&mut server, "exits within delay + timeout").await;
         assert!(order_exists(&mut conn, &created.id).await);
         let mut steps = Vec::new();
         while let Some(line) = server.log.next_line().await.expect("log") {
@@ -1122,19 +1140,12 @@ mod drain {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_still_running_at_the_drain_timeout_end_with_unavailable_and_roll_back() {
-        let Some((url, mut conn, _database)) = database().await else {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some((mut server, url, mut conn, _database)) =
+            start_on_postgres(dir.path(), "0s", "1s").await
+        else {
             return;
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RunningServer::start_with(
-            dir.path(),
-            &[
-                ("APP_DATABASE__URL", &url),
-                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "1s"),
-            ],
-        )
-        .await;
-        server.wait_until_serving().await;
         let channel = server.channel().await;
         let mut orders = OrderServiceClient::new(channel.clone());
         // A stream that never ends: its client never half-closes.
@@ -1155,11 +1166,7 @@ mod drain {
         let cancelled = slow.await.expect("task").expect_err("cancelled");
         assert_eq!(cancelled.code(), Code::Unavailable, "{cancelled:?}");
 
-        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
-            .await
-            .expect("exits despite the endless stream")
-            .expect("exit status");
-        assert!(exit.success(), "{exit}");
+        exits_cleanly(&mut server, "exits despite the endless stream").await;
         let ended = wait_for_log(
             &mut server.log,
             "drain: calls in progress ended; their transactions never commit",
@@ -1273,11 +1280,7 @@ mod drain {
         // in its list (as with a DNS answer not yet expired), so calls meet its refusals and retry
         // elsewhere; then its replacement comes up on a new port and the client learns of it.
         send_signal(&first.child, "TERM").await;
-        let exit = tokio::time::timeout(Duration::from_secs(60), first.child.wait())
-            .await
-            .expect("the first instance drains and exits")
-            .expect("exit status");
-        assert!(exit.success(), "{exit}");
+        exits_cleanly(&mut first, "the first instance drains and exits").await;
         let during = acknowledged_count();
         at_least(during + 50).await;
         let replacement = RunningServer::start_with(dir.path(), &env).await;
@@ -1317,20 +1320,12 @@ mod drain {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_signal_during_the_drain_exits_at_once() {
-        let Some((url, mut conn, _database)) = database().await else {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some((mut server, url, mut conn, _database)) =
+            start_on_postgres(dir.path(), "1h", "1h").await
+        else {
             return;
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RunningServer::start_with(
-            dir.path(),
-            &[
-                ("APP_DATABASE__URL", &url),
-                ("APP_SHUTDOWN__DRAIN_DELAY", "1h"),
-                ("APP_SHUTDOWN__DRAIN_TIMEOUT", "1h"),
-            ],
-        )
-        .await;
-        server.wait_until_serving().await;
         let lock = block_writes(&mut conn).await;
         let slow = slow_create(&server.channel().await);
         writes_waiting(&url, 1).await;
@@ -1342,11 +1337,7 @@ mod drain {
         )
         .await;
         send_signal(&server.child, "INT").await;
-        let exit = tokio::time::timeout(Duration::from_secs(60), server.child.wait())
-            .await
-            .expect("exits long before the hour-long drain")
-            .expect("exit status");
-        assert!(exit.success(), "{exit}");
+        exits_cleanly(&mut server, "exits long before the hour-long drain").await;
         let cancelled = slow.await.expect("task").expect_err("cancelled");
         assert_eq!(cancelled.code(), Code::Unavailable, "{cancelled:?}");
         lock.commit().await.expect("release the lock");
