@@ -633,6 +633,45 @@ mod tests {
         assert!(parse_targets(&["http://orders:50051".into()]).is_err());
     }
 
+    #[test]
+    fn calls_carry_the_current_spans_w3c_trace_context() {
+        use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("caller");
+            let _entered = span.enter();
+            let context = span.context();
+            let span_context = context.span().span_context().clone();
+            assert!(span_context.is_valid());
+            let mut metadata = MetadataMap::new();
+            inject_trace_context(&mut metadata);
+            let traceparent = metadata
+                .get("traceparent")
+                .and_then(|value| value.to_str().ok())
+                .expect("a traceparent");
+            assert_eq!(
+                traceparent,
+                format!(
+                    "00-{}-{}-01",
+                    span_context.trace_id(),
+                    span_context.span_id()
+                )
+            );
+        });
+        // Outside any trace, nothing is sent.
+        let mut metadata = MetadataMap::new();
+        inject_trace_context(&mut metadata);
+        assert!(metadata.get("traceparent").is_none());
+    }
+
     async fn client() -> Client {
         Client::new(&ClientSettings {
             targets: vec!["127.0.0.1:1".into()],
