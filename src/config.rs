@@ -256,6 +256,9 @@ impl Default for AuthSettings {
 pub struct DatabaseSettings {
     /// `sqlite://<file>` (created if missing) or `postgres://user:password@host/db`.
     pub url: DatabaseUrl,
+    /// A file holding the URL (a mounted Secret, so the password is never in configuration or the
+    /// environment); when set, its contents replace `url`.
+    pub url_file: Option<PathBuf>,
     /// Upper bound of the connection pool.
     pub max_connections: NonZeroU32,
     /// Longest wait for a pooled connection (including opening a new one) before a call fails UNAVAILABLE.
@@ -273,6 +276,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: DatabaseUrl("sqlite://orders.db".to_owned()),
+            url_file: None,
             max_connections: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
             acquire_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -623,6 +627,20 @@ impl<'de> Deserialize<'de> for DatabaseUrl {
     }
 }
 
+/// The URL in `database.url_file`; surrounding whitespace, such as the newline that
+/// `kubectl create secret --from-file` keeps, is not part of it.
+fn read_database_url(path: &Path) -> Result<DatabaseUrl, ConfigError> {
+    let error = |reason: String| ConfigError::DatabaseUrlFile {
+        path: path.to_owned(),
+        reason,
+    };
+    std::fs::read_to_string(path)
+        .map_err(|err| error(err.to_string()))?
+        .trim()
+        .parse()
+        .map_err(error)
+}
+
 fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres:") || url.starts_with("postgresql:")
 }
@@ -644,6 +662,8 @@ pub enum ConfigError {
     RustLog(String),
     #[error("invalid configuration: {0}")]
     Inconsistent(String),
+    #[error("invalid configuration: database.url_file {path:?}: {reason}")]
+    DatabaseUrlFile { path: PathBuf, reason: String },
 }
 
 impl Settings {
@@ -655,6 +675,9 @@ impl Settings {
         // RUST_LOG is the convention every Rust developer reaches for, so it beats the file and APP_*.
         if let Some(directives) = std::env::var("RUST_LOG").ok().filter(|d| !d.is_empty()) {
             settings.telemetry.log_level = directives.parse().map_err(ConfigError::RustLog)?;
+        }
+        if let Some(path) = &settings.database.url_file {
+            settings.database.url = read_database_url(path)?;
         }
         settings.check().map_err(ConfigError::Inconsistent)?;
         Ok(settings)

@@ -276,3 +276,51 @@ fn the_readme_lists_every_error_reason() {
         assert!(readme.contains(&name), "README.md does not list {name}");
     }
 }
+
+#[test]
+fn the_database_url_can_come_from_a_file_and_wins_over_the_url() {
+    Jail::expect_with(|jail| {
+        // As `kubectl create secret --from-file` stores it: with the editor's trailing newline.
+        jail.create_file("database-url", "sqlite://from-secret.db\n")?;
+        jail.set_env("APP_DATABASE__URL", "sqlite://ignored.db");
+        jail.set_env("APP_DATABASE__URL_FILE", "database-url");
+        let settings = load(None)?;
+        assert_eq!(settings.database.url.expose(), "sqlite://from-secret.db");
+        Ok(())
+    });
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_database_url_file_never_shows_its_password() {
+    Jail::expect_with(|jail| {
+        jail.create_file("database-url", "postgres://svc:hunter2@db:5432/orders")?;
+        jail.set_env("APP_DATABASE__URL_FILE", "database-url");
+        let settings = load(None)?;
+        let printed = settings.to_redacted_toml().map_err(|e| e.to_string())?;
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("url_file = \"database-url\""), "{printed}");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        Ok(())
+    });
+}
+
+#[test]
+fn an_unreadable_or_invalid_database_url_file_fails_naming_the_key() {
+    Jail::expect_with(|jail| {
+        jail.set_env("APP_DATABASE__URL_FILE", "missing");
+        let message = error_text(Settings::load(None));
+        assert!(
+            message.contains("database.url_file") && message.contains("missing"),
+            "{message}"
+        );
+        jail.create_file("database-url", "mysql://db/orders")?;
+        jail.set_env("APP_DATABASE__URL_FILE", "database-url");
+        let message = error_text(Settings::load(None));
+        assert!(
+            message.contains("database.url_file") && message.contains("expected"),
+            "{message}"
+        );
+        Ok(())
+    });
+}
