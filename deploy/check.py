@@ -30,7 +30,8 @@ Secrets are test fixtures:
   PostgreSQL database's URL, or a JWT public key.
 
 Usage: deploy/check.py BINARY [--overlay NAME ...] [--static-only]
-Needs kubectl, kubernetes-validate, bwrap, openssl, promtool (optional), node_modules/.bin/buf, and
+Needs kubectl, kubernetes-validate, bwrap, openssl, promtool (optional), buf (on PATH or in
+node_modules/.bin), and
 for an overlay on PostgreSQL, TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test).
 """
 
@@ -617,7 +618,7 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
 def call_api(name: str, config: dict, port: int, certificates: Certificates, token_tool: Path, work: Path) -> str | None:
     """Lists the services through reflection, then creates and reads an order, as a client in the
     cluster would: with a client certificate under mutual TLS and a token under JWT."""
-    buf = str(REPO / "node_modules/.bin/buf")
+    buf = shutil.which("buf") or str(REPO / "node_modules/.bin/buf")
     tls = bool(config["tls"].get("cert_file"))
     base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     options = ["--protocol", "grpc"]
