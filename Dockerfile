@@ -17,9 +17,10 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
-RUN cargo chef cook --locked --release --recipe-path recipe.json
+# The PostgreSQL store is always in the image (the prod overlay uses it), whatever the default features.
+RUN cargo chef cook --locked --release --features postgres --recipe-path recipe.json
 COPY . .
-RUN cargo build --locked --release --bin order-service \
+RUN cargo build --locked --release --features postgres --bin order-service \
     # The working directory the image runs in, created here because the runtime has no shell.
     && mkdir -p /out/app
 

@@ -13,13 +13,18 @@
    distroless image holds: the binary, its glibc libraries and /app/config/default.toml, plus only the
    volumes and environment the rendered Deployment gives it. The root is read-only and the process runs
    under the numeric user of the securityContext. Then, as the kubelet would:
+   - refuse to start while settings the cluster's owner must fill in are empty (JWT issuer and
+     audience), then run with them filled in;
    - run the migration Job, if the overlay has one;
    - start the server and poll the startupProbe;
    - run the liveness and readiness probes (grpc probes from outside, exec probes in the sandbox);
-   - make a probe for a service the binary does not serve, which must fail;
+   - make a probe for a service the binary does not serve, which must fail (probes are bounded by
+     their timeoutSeconds, as the kubelet bounds them);
    - run the Dockerfile's HEALTHCHECK;
    - make API calls as an in-cluster client would: mTLS and a JWT where the overlay asks for them;
    - send SIGTERM, after which the process must exit 0 within terminationGracePeriodSeconds.
+   Inside the sandbox the process has the manifest's uid and gid, in a user namespace: file access
+   on the host is the invoking user's, so fsGroup and Secret file modes are not exercised.
    The effective configuration (`print-config` inside the sandbox) is what the timing and port
    invariants are checked against.
 
@@ -29,7 +34,7 @@ Secrets are test fixtures:
 - any other Secret gets the files the overlay's configuration names under its mount path: a fresh
   PostgreSQL database's URL, or a JWT public key.
 
-Usage: deploy/check.py BINARY [--overlay NAME ...] [--static-only]
+Usage: deploy/check.py BINARY [--overlay NAME ...] [--static-only] [--max-binary-mb N]
 Needs kubectl, kubernetes-validate, bwrap, openssl, promtool (optional), buf (on PATH or in
 node_modules/.bin), and
 for an overlay on PostgreSQL, TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test).
@@ -51,6 +56,8 @@ import time
 import tomllib
 import uuid
 from pathlib import Path
+
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -76,7 +83,10 @@ def check(condition: bool, message: str) -> bool:
 
 
 def run(*argv: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, text=True, capture_output=True, **kwargs)
+    try:
+        return subprocess.run(argv, text=True, capture_output=True, **kwargs)
+    except subprocess.TimeoutExpired as expired:
+        return subprocess.CompletedProcess(argv, 124, "", f"timed out after {expired.timeout}s")
 
 
 def render(path: Path) -> list[dict]:
@@ -240,13 +250,18 @@ def check_wiring(name: str, docs: list[dict]) -> None:
     hpa = one(docs, "HorizontalPodAutoscaler")
     if hpa is not None:
         check(hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"], f"{name}: HPA scales something else")
-        check(hpa["spec"].get("minReplicas", 1) >= 2, f"{name}: HPA allows a single replica")
+        check(hpa["spec"].get("minReplicas", 1) >= 3, f"{name}: HPA allows fewer than 3 replicas")
         check("replicas" not in deployment["spec"], f"{name}: replicas set beside an HPA (every apply resets it)")
     monitor = one(docs, "ServiceMonitor")
     if monitor is not None:
-        scraped = [s for s in docs if s["kind"] == "Service" and labels_match(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
-                   and any(p.get("name") == "metrics" for p in s["spec"]["ports"])]
-        check(len(scraped) == 1, f"{name}: the ServiceMonitor must find exactly one Service with a metrics port, found {len(scraped)}")
+        for endpoint in monitor["spec"]["endpoints"]:
+            scraped = [s for s in docs if s["kind"] == "Service"
+                       and labels_match(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+                       and any(p.get("name") == endpoint["port"] for p in s["spec"]["ports"])]
+            check(len(scraped) == 1, f"{name}: ServiceMonitor port {endpoint['port']!r} must be on exactly one selected Service, found {len(scraped)}")
+            check(port_names.get(endpoint["port"]) is not None or any(
+                p.get("targetPort") in port_names for s in scraped for p in s["spec"]["ports"] if p.get("name") == endpoint["port"]),
+                f"{name}: ServiceMonitor port {endpoint['port']!r} reaches no container port")
 
 
 def probe_service(probe: dict) -> str | None:
@@ -286,6 +301,17 @@ def check_against_config(name: str, docs: list[dict], config: dict) -> None:
             check(not config["tls"].get("cert_file"), f"{name}: {kind} is a native grpc probe (plaintext) but the port speaks TLS")
         else:
             check(probe_service(probe) is not None, f"{name}: {kind} is neither grpc nor `healthcheck --service`")
+    policy = one(docs, "NetworkPolicy")
+    if policy is not None:
+        egress = [(port.get("protocol", "TCP"), port.get("port")) for rule in policy["spec"].get("egress", [])
+                  for port in rule.get("ports", [])]
+        check(("UDP", 53) in egress and ("TCP", 53) in egress, f"{name}: NetworkPolicy egress lacks DNS (UDP and TCP 53)")
+        database = urlsplit(config["database"]["url"])
+        if database.scheme.startswith("postgres"):
+            check(("TCP", database.port or 5432) in egress, f"{name}: NetworkPolicy egress lacks the database port")
+        if config["telemetry"].get("otlp_endpoint"):
+            check(("TCP", urlsplit(config["telemetry"]["otlp_endpoint"]).port or 4317) in egress,
+                  f"{name}: NetworkPolicy egress lacks the OTLP collector's port")
     migrates = config["database"]["migrate"]
     jobs = [job for job in docs if job["kind"] == "Job" and job["spec"]["template"]["spec"]["containers"][0].get("args") == ["migrate"]]
     check(migrates or len(jobs) == 1, f"{name}: database.migrate is off and no migration Job runs `migrate`")
@@ -391,7 +417,9 @@ class Fixtures:
 
     def secret(self, name: str, mount_path: str) -> Path:
         directory = self.work / "secrets" / name
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists():  # the Job and the Deployment mount the same Secret
+            return directory
+        directory.mkdir(parents=True)
         if name in self.issued:
             self.certificates.issue(directory, self.issued[name]["spec"]["dnsNames"])
             return directory
@@ -443,8 +471,9 @@ class Certificates:
             raise SystemExit(f"openssl {' '.join(args)}:\n{result.stderr}")
 
     def issue(self, directory: Path, dns_names: list[str]) -> None:
-        """Writes tls.crt, tls.key and ca.crt as cert-manager does; 127.0.0.1 is for the test's calls."""
-        sans = ",".join([f"DNS:{name}" for name in dns_names] + ["IP:127.0.0.1"])
+        """Writes tls.crt, tls.key and ca.crt as cert-manager does, for exactly the names asked: the
+        exec probes and the test's calls dial 127.0.0.1 and must name one of them, as in a cluster."""
+        sans = ",".join(f"DNS:{name}" for name in dns_names)
         key, csr = directory / "tls.key", directory / "tls.csr"
         self._openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                       "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={dns_names[0]}")
@@ -515,11 +544,23 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
     certificates = Certificates(work)
     database = Database()
     config_map = next(doc for doc in docs if doc["kind"] == "ConfigMap")
-    layer = tomllib.loads(next(iter(config_map["data"].values())))
-    fixtures = Fixtures(docs, layer, work, certificates, database)
+    key, text = next(iter(config_map["data"].items()))
+    fixtures = Fixtures(docs, tomllib.loads(text), work, certificates, database)
     deployment = one(docs, "Deployment")
     server_process = None
     try:
+        auth = fixtures.layer.get("auth", {})
+        unset = [field for field in ("issuer", "audience") if auth.get("mode") == "jwt" and not auth.get(field)]
+        if unset:
+            # Shipped empty so that start-up refuses until the cluster's owner sets them: prove it refuses,
+            # then fill them in as the owner would.
+            refused = run(*Pod(name, docs, deployment, binary, work / "unset", fixtures).command("print-config"))
+            check(refused.returncode != 0 and "auth.issuer" in refused.stderr,
+                  f"{name}: with auth.issuer/audience empty the service must refuse to start: {refused.stderr}")
+            say(f"{name}: with {', '.join('auth.' + field for field in unset)} unset the service refuses to start")
+            for field in unset:
+                text = re.sub(rf'^{field} = ""', f'{field} = "https://{field}.test/"', text, flags=re.M)
+            config_map["data"][key] = text
         pod = Pod(name, docs, deployment, binary, work / "server", fixtures)
         printed = run(*pod.command("print-config"))
         if not check(printed.returncode == 0, f"{name}: print-config in the pod failed: {printed.stderr}"):
@@ -551,12 +592,13 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
                 empty.mkdir(exist_ok=True)
                 return run(str(binary), "healthcheck", "--addr", f"127.0.0.1:{definition['grpc']['port']}",
                            "--service", asked, "--timeout", f"{timeout}s", cwd=empty,
-                           env={"PATH": os.environ["PATH"]}, timeout=timeout + 5)
+                           env={"PATH": os.environ["PATH"]}, timeout=timeout + 0.5)
             command = definition["exec"]["command"]
             if service is not None:
                 command = [*command]
                 command[command.index("--service") + 1] = service
-            return run(*pod.sandbox(command), timeout=timeout + 5)
+            # The kubelet's timeoutSeconds bounds the whole exec: process start, config, handshake, call.
+            return run(*pod.sandbox(command), timeout=timeout)
 
         startup = container["startupProbe"]
         for _ in range(startup.get("failureThreshold", 3)):
@@ -580,15 +622,17 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
         live = probe(container["livenessProbe"])
         check(live.returncode == 0, f"{name}: livenessProbe fails: {live.stdout}{live.stderr}")
         unknown = probe(readiness, service="no.such.v1.Service")
-        check(unknown.returncode != 0, f"{name}: a probe for a service the binary does not serve passed")
-        say(f"{name}: liveness passes; a probe for an unknown service fails: {(unknown.stdout + unknown.stderr).strip()}")
+        if check(unknown.returncode != 0, f"{name}: a probe for a service the binary does not serve passed") and live.returncode == 0:
+            say(f"{name}: liveness passes; a probe for an unknown service fails: {(unknown.stdout + unknown.stderr).strip()}")
         healthcheck = pod.image["healthcheck"]
         if healthcheck:
             result = run(*pod.sandbox(healthcheck), timeout=10)
             if check(result.returncode == 0, f"{name}: the Dockerfile's HEALTHCHECK fails: {result.stdout}{result.stderr}"):
                 say(f"{name}: the Dockerfile's HEALTHCHECK passes")
 
-        api = call_api(name, config, grpc_port, certificates, token_tool, work)
+        # A client in the cluster dials the Service's name, which the Certificate carries.
+        service_name = next(doc["metadata"]["name"] for doc in docs if doc["kind"] == "Service")
+        api = call_api(name, config, grpc_port, service_name, certificates, token_tool)
         if api is not None:
             check(probe_service(readiness) == api, f"{name}: readiness asks for {probe_service(readiness)!r}, the binary serves {api!r}")
             check(probe_service(container["livenessProbe"]) == "", f"{name}: liveness must ask for the whole server (\"\")")
@@ -615,7 +659,7 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
         database.drop()
 
 
-def call_api(name: str, config: dict, port: int, certificates: Certificates, token_tool: Path, work: Path) -> str | None:
+def call_api(name: str, config: dict, port: int, server_name: str, certificates: Certificates, token_tool: Path) -> str | None:
     """Lists the services through reflection, then creates and reads an order, as a client in the
     cluster would: with a client certificate under mutual TLS and a token under JWT."""
     buf = shutil.which("buf") or str(REPO / "node_modules/.bin/buf")
@@ -624,14 +668,14 @@ def call_api(name: str, config: dict, port: int, certificates: Certificates, tok
     options = ["--protocol", "grpc"]
     if tls:
         client = certificates.client
-        options += ["--cacert", str(client / "ca.crt"), "--cert", str(client / "tls.crt"), "--key", str(client / "tls.key")]
+        options += ["--cacert", str(client / "ca.crt"), "--cert", str(client / "tls.crt"), "--key", str(client / "tls.key"),
+                    "--servername", server_name]
     else:
         options += ["--http2-prior-knowledge"]
     if config["auth"]["mode"] == "jwt":
-        key = ["--private-key-file", str(certificates.jwt_private_key)]
-        if config["auth"].get("jwt_secret_file"):
-            key = ["--secret-file", str(work / "secrets")]  # not produced by these overlays
-        token = run(str(token_tool), *key, "--issuer", config["auth"]["issuer"], "--audience", config["auth"]["audience"],
+        if not check(bool(config["auth"].get("jwt_public_key_file")), f"{name}: only JWT public keys are emulated"):
+            return None
+        token = run(str(token_tool), "--private-key-file", str(certificates.jwt_private_key), "--issuer", config["auth"]["issuer"], "--audience", config["auth"]["audience"],
                     "--scope", "orders.read orders.write", "--subject", "deploy-check")
         if not check(token.returncode == 0, f"{name}: minting a token: {token.stderr}"):
             return None
@@ -658,9 +702,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("binary", type=Path, help="the service binary the image would hold")
     parser.add_argument("--overlay", action="append", help="only these overlays (default: all)")
-    parser.add_argument("--static-only", action="store_true", help="check the manifests, run no pod")
+    parser.add_argument("--static-only", action="store_true",
+                        help="check the manifests alone, run no pod (the checks against the configuration need the pod)")
+    parser.add_argument("--max-binary-mb", type=float,
+                        help="fail when the binary is larger (the image's size budget less its base image's)")
     args = parser.parse_args()
     binary = args.binary.resolve()
+    if args.max_binary_mb is not None:
+        size = binary.stat().st_size / 1e6
+        check(size <= args.max_binary_mb, f"the binary is {size:.1f} MB, over its {args.max_binary_mb} MB budget")
     token_tool = binary.parent / "examples" / "dev-token"
     overlays = args.overlay or sorted(path.name for path in OVERLAYS.iterdir() if path.is_dir())
     for overlay in overlays:

@@ -242,7 +242,7 @@ async fn healthcheck_fails_when_nothing_is_listening() {
 }
 
 #[tokio::test]
-async fn migrate_subcommand_prepares_the_database() {
+async fn migrate_subcommand_prepares_the_database_and_accepts_a_newer_one() {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = command(dir.path())
         .arg("migrate")
@@ -261,6 +261,31 @@ async fn migrate_subcommand_prepares_the_database() {
         .check_ready()
         .await
         .expect("every migration is applied");
+
+    // A rollback: the database has a migration from a newer release. The older binary's `migrate`
+    // (the migration Job, or start-up with database.migrate) still succeeds, and it is ready.
+    let pool = sqlx::SqlitePool::connect(settings.database.url.expose())
+        .await
+        .expect("open the database");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99990101000000, 'from a newer release', TRUE, x'00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("record a newer migration");
+    pool.close().await;
+    let output = command(dir.path())
+        .arg("migrate")
+        .env("APP_DATABASE__URL", "sqlite://migrated.db")
+        .output()
+        .await
+        .expect("migrate runs");
+    assert!(output.status.success(), "{output:?}");
+    store
+        .check_ready()
+        .await
+        .expect("ready on the newer schema");
 }
 
 #[tokio::test]
@@ -350,6 +375,8 @@ async fn sighup_reloads_the_tls_certificate_and_is_harmless_without_tls() {
     let mut child = command(dir.path())
         .arg("serve")
         .env("APP_SERVER__GRPC_ADDR", "127.0.0.1:0")
+        // Never the default 0.0.0.0:9090, which anything else on the machine may hold.
+        .env("APP_SERVER__METRICS_ADDR", "127.0.0.1:0")
         .env("APP_HEALTH__CHECK_INTERVAL", "100ms")
         .env("APP_TLS__CERT_FILE", "tls.crt")
         .env("APP_TLS__KEY_FILE", "tls.key")

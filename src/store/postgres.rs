@@ -1,6 +1,6 @@
 //! The PostgreSQL store, for production.
 
-use std::str::FromStr;
+use std::{str::FromStr, sync::LazyLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -22,7 +22,8 @@ use crate::{
     telemetry::metrics::StoreInstruments,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
+    LazyLock::new(|| super::tolerating_newer_schemas(sqlx::migrate!("migrations/postgres")));
 
 /// The columns every query returns, in the order `OrderRow` reads them.
 macro_rules! columns {

@@ -1,6 +1,6 @@
 //! The embedded SQLite store: a file in the working directory (or memory, for tests), nothing to install.
 
-use std::str::FromStr;
+use std::{str::FromStr, sync::LazyLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -21,7 +21,8 @@ use crate::{
     telemetry::metrics::StoreInstruments,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
+    LazyLock::new(|| super::tolerating_newer_schemas(sqlx::migrate!("migrations/sqlite")));
 
 /// The columns every query returns, in the order `OrderRow` reads them.
 macro_rules! columns {
