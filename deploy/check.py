@@ -23,6 +23,8 @@
    - run the Dockerfile's HEALTHCHECK;
    - make API calls as an in-cluster client would: mTLS and a JWT where the overlay asks for them;
    - send SIGTERM, after which the process must exit 0 within terminationGracePeriodSeconds.
+   And once as a plain `docker run IMAGE`: the image's defaults alone (SQLite in /app), its HEALTHCHECK,
+   and a clean exit on `docker stop`.
    Inside the sandbox the process has the manifest's uid and gid, in a user namespace: file access
    on the host is the invoking user's, so fsGroup and Secret file modes are not exercised.
    The effective configuration (`print-config` inside the sandbox) is what the timing and port
@@ -110,6 +112,7 @@ def image_contract() -> dict:
     return {
         "workdir": re.search(r"^WORKDIR (\S+)", runtime, re.M).group(1),
         "entrypoint": json.loads(re.search(r"^ENTRYPOINT (\[.*\])", runtime, re.M).group(1)),
+        "cmd": json.loads(re.search(r"^CMD (\[.*\])", runtime, re.M).group(1)),
         "user": re.search(r"^USER (\S+)", runtime, re.M).group(1),
         "healthcheck": json.loads(healthcheck.group(1)) if healthcheck else None,
         "config_files": re.findall(r"^COPY (config/\S+) (\S+)", runtime, re.M),
@@ -381,24 +384,7 @@ class Pod:
         return env
 
     def sandbox(self, argv: list[str]) -> list[str]:
-        command = ["bwrap", "--unshare-all", "--share-net", "--die-with-parent", "--clearenv",
-                   "--uid", str(self.uid), "--gid", str(self.gid), "--proc", "/proc", "--dev", "/dev"]
-        # The libraries the image's base (distroless cc) provides: glibc, libgcc_s, libm.
-        for library in re.findall(r"(/\S+\.so[.\d]*)", run("ldd", str(self.binary)).stdout):
-            command += ["--ro-bind", os.path.realpath(library), library]
-        # What the kubelet mounts into every container.
-        for path in ("/etc/hosts", "/etc/resolv.conf"):
-            if Path(path).exists():
-                command += ["--ro-bind", path, path]
-        command += ["--ro-bind", str(self.binary), self.image["entrypoint"][0]]
-        for source, target in self.image["config_files"]:
-            command += ["--ro-bind", str(REPO / source), target]
-        for target, source, read_only in self.mounts:
-            command += ["--ro-bind" if read_only else "--bind", str(source), target]
-        command += ["--remount-ro", "/", "--chdir", self.image["workdir"]]
-        for key, value in self.env.items():
-            command += ["--setenv", key, value]
-        return command + ["--"] + argv
+        return sandbox(self.binary, self.image, self.uid, self.gid, self.mounts, self.env, argv)
 
     def command(self, *args: str) -> list[str]:
         return self.sandbox(self.image["entrypoint"] + list(args))
@@ -406,6 +392,69 @@ class Pod:
     def container_command(self) -> list[str]:
         argv = self.container.get("command") or self.image["entrypoint"]
         return self.sandbox(argv + self.container.get("args", []))
+
+
+def sandbox(binary: Path, image: dict, uid: int, gid: int, mounts: list[tuple[str, Path, bool]],
+            env: dict[str, str], argv: list[str]) -> list[str]:
+    """bwrap running argv in what the image holds, plus mounts, on a read-only root."""
+    command = ["bwrap", "--unshare-all", "--share-net", "--die-with-parent", "--clearenv",
+               "--uid", str(uid), "--gid", str(gid), "--proc", "/proc", "--dev", "/dev"]
+    # The libraries the image's base (distroless cc) provides: glibc, libgcc_s, libm.
+    for library in re.findall(r"(/\S+\.so[.\d]*)", run("ldd", str(binary)).stdout):
+        command += ["--ro-bind", os.path.realpath(library), library]
+    # What the container runtime mounts into every container.
+    for path in ("/etc/hosts", "/etc/resolv.conf"):
+        if Path(path).exists():
+            command += ["--ro-bind", path, path]
+    command += ["--ro-bind", str(binary), image["entrypoint"][0]]
+    for source, target in image["config_files"]:
+        command += ["--ro-bind", str(REPO / source), target]
+    for target, source, read_only in mounts:
+        command += ["--ro-bind" if read_only else "--bind", str(source), target]
+    command += ["--remount-ro", "/", "--chdir", image["workdir"]]
+    for key, value in env.items():
+        command += ["--setenv", key, value]
+    return command + ["--"] + argv
+
+
+def run_image(binary: Path, work: Path) -> None:
+    """`docker run IMAGE` with nothing else: the image's user, working directory and CMD, SQLite's
+    default file in /app (the service user's, writable), then the HEALTHCHECK, then `docker stop`."""
+    image = image_contract()
+    uid, _, gid = image["user"].partition(":")
+    app = work / "app"
+    app.mkdir()
+    os.chmod(app, 0o777)  # the image's /app belongs to the service user
+    # /app is writable in `docker run` (the image's layer), so it is a bind here, config files included.
+    mounts = [(image["workdir"], app, False)]
+    for source, target in image["config_files"]:
+        (app / Path(target).relative_to(image["workdir"])).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / source, app / Path(target).relative_to(image["workdir"]))
+    image = {**image, "config_files": []}
+    log = open(work / "image.log", "w")
+    process = subprocess.Popen(sandbox(binary, image, int(uid), int(gid or uid), mounts, {}, image["entrypoint"] + image["cmd"]),
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        healthy = None
+        for _ in range(30):  # the HEALTHCHECK's start period
+            if process.poll() is not None:
+                break
+            healthy = run(*sandbox(binary, image, int(uid), int(gid or uid), mounts, {}, image["healthcheck"]), timeout=3)
+            if healthy.returncode == 0:
+                break
+            time.sleep(1)
+        if check(healthy is not None and healthy.returncode == 0,
+                 f"docker run: the HEALTHCHECK never passed:\n{(work / 'image.log').read_text()[-3000:]}"):
+            check((app / "orders.db").exists(), "docker run: no SQLite database in /app")
+            say("docker run: the image's defaults serve on SQLite in /app, and its HEALTHCHECK passes")
+        for pid in descendants(process.pid):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == binary.name[:15]:
+                os.kill(pid, signal.SIGTERM)
+        check(process.wait(timeout=30) == 0, "docker run: no clean exit on SIGTERM")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 class Fixtures:
@@ -723,6 +772,9 @@ def main() -> None:
         if not args.static_only:
             with tempfile.TemporaryDirectory(prefix=f"deploy-check-{overlay}-") as work:
                 run_pod(overlay, docs, binary, token_tool, Path(work))
+    if not args.static_only:
+        with tempfile.TemporaryDirectory(prefix="deploy-check-image-") as work:
+            run_image(binary, Path(work))
     # Every optional component renders on top of every overlay.
     for component in sorted((REPO / "deploy/k8s/components").iterdir()):
         for overlay in overlays:
