@@ -45,6 +45,7 @@ for an overlay on PostgreSQL, TEST_POSTGRES_URL (default postgres://postgres@127
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -103,6 +104,7 @@ def one(docs: list[dict], kind: str) -> dict | None:
     return matches[0] if len(matches) == 1 else None
 
 
+@functools.cache
 def image_contract() -> dict:
     """What the Dockerfile promises: working directory, entrypoint, user, HEALTHCHECK command."""
     text = (REPO / "Dockerfile").read_text()
@@ -287,13 +289,12 @@ def check_against_config(name: str, docs: list[dict], config: dict) -> None:
     metrics_port = int(config["server"]["metrics_addr"].rsplit(":", 1)[1])
     check(ports.get("grpc") == grpc_port, f"{name}: container port grpc {ports.get('grpc')} != server.grpc_addr {grpc_port}")
     check(ports.get("metrics") == metrics_port, f"{name}: container port metrics {ports.get('metrics')} != server.metrics_addr {metrics_port}")
-    seconds = lambda text: parse_duration(text)  # noqa: E731
-    drain = seconds(config["shutdown"]["drain_delay"]) + seconds(config["shutdown"]["drain_timeout"])
-    needed = drain + seconds(config["telemetry"]["flush_timeout"])
+    drain = parse_duration(config["shutdown"]["drain_delay"]) + parse_duration(config["shutdown"]["drain_timeout"])
+    needed = drain + parse_duration(config["telemetry"]["flush_timeout"])
     grace = pod.get("terminationGracePeriodSeconds", 30)
     check(grace >= needed, f"{name}: terminationGracePeriodSeconds {grace} < drain_delay + drain_timeout + flush_timeout = {needed}")
     readiness = container.get("readinessProbe", {})
-    check(readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) <= seconds(config["shutdown"]["drain_delay"]),
+    check(readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) <= parse_duration(config["shutdown"]["drain_delay"]),
           f"{name}: readiness notices NOT_SERVING only after the drain delay ends")
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container.get(kind)
@@ -394,13 +395,18 @@ class Pod:
         return self.sandbox(argv + self.container.get("args", []))
 
 
+@functools.cache
+def shared_libraries(binary: Path) -> list[str]:
+    """What the binary loads, which the image's base (distroless cc) provides: glibc, libgcc_s, libm."""
+    return re.findall(r"(/\S+\.so[.\d]*)", run("ldd", str(binary)).stdout)
+
+
 def sandbox(binary: Path, image: dict, uid: int, gid: int, mounts: list[tuple[str, Path, bool]],
             env: dict[str, str], argv: list[str]) -> list[str]:
     """bwrap running argv in what the image holds, plus mounts, on a read-only root."""
     command = ["bwrap", "--unshare-all", "--share-net", "--die-with-parent", "--clearenv",
                "--uid", str(uid), "--gid", str(gid), "--proc", "/proc", "--dev", "/dev"]
-    # The libraries the image's base (distroless cc) provides: glibc, libgcc_s, libm.
-    for library in re.findall(r"(/\S+\.so[.\d]*)", run("ldd", str(binary)).stdout):
+    for library in shared_libraries(binary):
         command += ["--ro-bind", os.path.realpath(library), library]
     # What the container runtime mounts into every container.
     for path in ("/etc/hosts", "/etc/resolv.conf"):
@@ -447,9 +453,7 @@ def run_image(binary: Path, work: Path) -> None:
                  f"docker run: the HEALTHCHECK never passed:\n{(work / 'image.log').read_text()[-3000:]}"):
             check((app / "orders.db").exists(), "docker run: no SQLite database in /app")
             say("docker run: the image's defaults serve on SQLite in /app, and its HEALTHCHECK passes")
-        for pid in descendants(process.pid):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == binary.name[:15]:
-                os.kill(pid, signal.SIGTERM)
+        terminate(process, binary)
         check(process.wait(timeout=30) == 0, "docker run: no clean exit on SIGTERM")
     finally:
         if process.poll() is None:
@@ -589,6 +593,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def terminate(sandboxed: subprocess.Popen, binary: Path) -> bool:
+    """SIGTERM to the service inside a bubblewrap sandbox, as a container runtime signals the
+    container's process rather than bubblewrap (the kernel truncates comm to 15 characters).
+    False when there is no such process."""
+    serving = [pid for pid in descendants(sandboxed.pid)
+               if Path(f"/proc/{pid}/comm").read_text().strip() == binary.name[:15]]
+    for pid in serving[-1:]:
+        os.kill(pid, signal.SIGTERM)
+    return bool(serving)
+
+
 def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: Path) -> None:
     certificates = Certificates(work)
     database = Database()
@@ -687,13 +702,8 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
             check(probe_service(container["livenessProbe"]) == "", f"{name}: liveness must ask for the whole server (\"\")")
             check(probe_service(startup) == "", f"{name}: startup must ask for the whole server (\"\")")
 
-        # The kubelet signals the container's process, not bubblewrap (the kernel truncates comm to 15).
-        serving = [pid for pid in descendants(server_process.pid)
-                   if Path(f"/proc/{pid}/comm").read_text().strip() == binary.name[:15]]
-        for pid in serving[-1:]:
-            os.kill(pid, signal.SIGTERM)
         grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-        check(len(serving) > 0, f"{name}: no server process to stop")
+        check(terminate(server_process, binary), f"{name}: no server process to stop")
         stopping = time.monotonic()
         try:
             code = server_process.wait(timeout=grace)

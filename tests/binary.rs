@@ -244,13 +244,16 @@ async fn healthcheck_fails_when_nothing_is_listening() {
 #[tokio::test]
 async fn migrate_subcommand_prepares_the_database_and_accepts_a_newer_one() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = command(dir.path())
-        .arg("migrate")
-        .env("APP_DATABASE__URL", "sqlite://migrated.db")
-        .output()
-        .await
-        .expect("migrate runs");
-    assert!(output.status.success(), "{output:?}");
+    let migrate = || async {
+        let output = command(dir.path())
+            .arg("migrate")
+            .env("APP_DATABASE__URL", "sqlite://migrated.db")
+            .output()
+            .await
+            .expect("migrate runs");
+        assert!(output.status.success(), "{output:?}");
+    };
+    migrate().await;
 
     let mut settings = app::config::Settings::default();
     settings.database.url = format!("sqlite://{}", dir.path().join("migrated.db").display())
@@ -275,13 +278,7 @@ async fn migrate_subcommand_prepares_the_database_and_accepts_a_newer_one() {
     .await
     .expect("record a newer migration");
     pool.close().await;
-    let output = command(dir.path())
-        .arg("migrate")
-        .env("APP_DATABASE__URL", "sqlite://migrated.db")
-        .output()
-        .await
-        .expect("migrate runs");
-    assert!(output.status.success(), "{output:?}");
+    migrate().await;
     store
         .check_ready()
         .await
