@@ -272,6 +272,51 @@ mod database_outages {
         );
     }
 
+    /// The pool does not ping a connection on every acquire (a round trip per call), only one idle
+    /// long enough to have been cut: such a connection, dropped on the database's side while it sat
+    /// in the pool, is replaced before a call gets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pooled_connection_dropped_while_idle_never_reaches_a_call() {
+        let Some((options, _database)) = TestDatabase::postgres_schema().await else {
+            return;
+        };
+        let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .expect("TEST_POSTGRES_URL names a TCP address");
+        let link = Link::start(upstream).await;
+        let mut settings = test_settings();
+        // No health check in between to find the dead connections first.
+        settings.health.check_interval = Duration::from_secs(3600);
+        let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
+            options.host("127.0.0.1").port(link.addr.port()),
+            &settings.database,
+            &Default::default(),
+        ));
+        store.migrate().await.expect("migrate through the link");
+        let application = Application::with_store(Arc::clone(&store), &settings)
+            .await
+            .expect("application builds");
+        let app = TestApp::serve_application(application, store).await;
+        let order = app.create_for("Oslo").await;
+        assert!(app.get(&order.id).await.is_ok());
+
+        // Every pooled connection is closed under the pool, which does not notice until it uses one;
+        // they then sit idle past the ping threshold (1s) before the next call.
+        link.cut();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        link.restore();
+        for _ in 0..3 {
+            assert_eq!(
+                app.get(&order.id)
+                    .await
+                    .expect("a dead pooled connection must not reach the call"),
+                order
+            );
+        }
+    }
+
     /// A TCP relay to the database that the test can cut like a network partition: cut, it closes
     /// every relayed connection, and accepts new ones without ever answering until it is restored.
     struct Link {

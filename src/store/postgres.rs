@@ -1,12 +1,12 @@
 //! The PostgreSQL store, for production.
 
-use std::{str::FromStr, sync::LazyLock};
+use std::{str::FromStr, sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{
-    PgConnection, PgPool,
+    Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -32,11 +32,8 @@ macro_rules! columns {
     };
 }
 
-/// Key of the advisory lock that serialises inserts. A sequence hands out numbers when rows are
-/// inserted, not when they commit: without the lock, an order numbered 10 could commit after a reader
-/// had already paged past 11, and ListOrders would skip it. Holding the lock from before the number
-/// is drawn until commit makes creation order and commit order the same.
-const INSERT_ORDER_LOCK: i64 = 0x6f72_6465_7273; // "orders"
+/// A pooled connection idle this long is pinged before a call gets it (pgxpool's default).
+const PING_IDLE_CONNECTIONS_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -45,6 +42,22 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// SearchOrders' query; `$1` is the `LIKE` pattern from [`contains_pattern`]. Both conditions
+    /// match the expressions of the pg_trgm GIN indexes (migrations/postgres), so a selective query
+    /// reads the few matching rows instead of every row. The items index covers all items joined by
+    /// newlines; the `EXISTS` keeps a match within one item. lower() folds case by the database's
+    /// LC_CTYPE: all of Unicode under a UTF-8 locale (what the official images and managed services
+    /// default to), only ASCII under the plain C locale.
+    pub const SEARCH_SQL: &str = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM orders",
+        " WHERE lower(description) LIKE lower($1)",
+        " OR (order_items_folded(items) LIKE lower($1)",
+        " AND EXISTS (SELECT 1 FROM unnest(items) AS item WHERE lower(item) LIKE lower($1)))",
+        " ORDER BY seq"
+    );
+
     pub fn connect_lazy(
         settings: &DatabaseSettings,
         instruments: &StoreInstruments,
@@ -65,6 +78,20 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.get())
             .acquire_timeout(settings.acquire_timeout)
+            // sqlx pings a connection when it returns to the pool, so an idle connection was alive
+            // when it was put back. Pinging it again on every acquire would add a round trip, and a
+            // wake-up of its PostgreSQL backend, to every call; like pgxpool, the pool pings only
+            // connections idle long enough to have been cut since (a restart, a failover, an idle
+            // timeout on the way), and a connection that fails it is replaced, never handed out.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_CONNECTIONS_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options.application_name(env!("CARGO_PKG_NAME")));
         Self {
             pool,
@@ -80,12 +107,10 @@ impl OrderStore for PostgresStore {
         details: &OrderDetails,
         request_id: Option<&RequestId>,
     ) -> Result<Order> {
-        let now = domain::now();
-        let mut tx = super::transaction(&self.pool, &self.acquire, "BEGIN").await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(INSERT_ORDER_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        // One statement, no explicit transaction and no lock: inserts from every replica run in
+        // parallel. ListOrders still never repeats an order nor skips one committed before its first
+        // page (see `list`).
+        let mut conn = super::connection(&self.pool, &self.acquire).await?;
         let inserted: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (id, request_id, items, description, price_cents, destination,",
             " status, create_time, update_time)",
@@ -101,31 +126,28 @@ impl OrderStore for PostgresStore {
         .bind(details.price_cents())
         .bind(details.destination())
         .bind(OrderStatus::Pending.as_str())
-        .bind(now)
-        .fetch_optional(&mut *tx)
+        .bind(domain::now())
+        .fetch_optional(&mut *conn)
         .await?;
 
-        let order = match (inserted, request_id) {
-            (Some(row), _) => row.into_order()?,
-            // The key was used before. Inserts are serialised by the lock above, so the request that
-            // used it has committed and its row is visible to this statement.
+        match (inserted, request_id) {
+            (Some(row), _) => row.into_order(),
+            // The key was used before. An insert that meets a key another transaction is still
+            // inserting waits for that transaction to end, and does nothing only if it committed; so
+            // the row is committed, and this next statement (a new snapshot) reads it.
             (None, Some(request_id)) => sqlx::query_as::<_, OrderRow>(concat!(
                 "SELECT ",
                 columns!(),
                 " FROM orders WHERE request_id = $1"
             ))
             .bind(request_id.as_str())
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?
-            .into_order()?,
-            (None, None) => {
-                return Err(Error::CorruptData(
-                    "insert without a request id returned no row".to_owned(),
-                ));
-            }
-        };
-        tx.commit().await?;
-        Ok(order)
+            .into_order(),
+            (None, None) => Err(Error::CorruptData(
+                "insert without a request id returned no row".to_owned(),
+            )),
+        }
     }
 
     async fn get(&self, id: OrderId) -> Result<Order> {
@@ -140,6 +162,10 @@ impl OrderStore for PostgresStore {
 
     async fn list(&self, after: Option<PageCursor>, page_size: u32) -> Result<Page> {
         let mut conn = super::connection(&self.pool, &self.acquire).await?;
+        // Keyset paging on `seq`, which never changes: no order is read twice, and an order committed
+        // before the first page was read is in every page's snapshot, so none is skipped. `seq` is
+        // drawn at insert, not at commit, so an order committed while paging may land behind the
+        // cursor and not appear; the keyset guarantee allows that, and it keeps writes lock-free.
         // One row more than asked tells whether another page follows.
         let rows: Vec<OrderRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -156,20 +182,12 @@ impl OrderStore for PostgresStore {
     fn search(&self, query: &str) -> OrderStream {
         let pool = self.pool.clone();
         let acquire = self.acquire.clone();
-        let query = query.to_owned();
-        // lower() folds case by the database's LC_CTYPE: all of Unicode under a UTF-8 locale (what the
-        // official images and managed services default to), only ASCII under the plain C locale. Every
-        // row is scanned: a large table wants pg_trgm GIN indexes, and a query shaped to use them.
+        let pattern = contains_pattern(query);
         Box::pin(async_stream::try_stream! {
             let mut conn = super::connection(&pool, &acquire).await?;
-            let mut rows = sqlx::query_as::<_, OrderRow>(concat!(
-                "SELECT ", columns!(), " FROM orders",
-                " WHERE strpos(lower(description), lower($1)) > 0",
-                " OR EXISTS (SELECT 1 FROM unnest(items) AS item WHERE strpos(lower(item), lower($1)) > 0)",
-                " ORDER BY seq"
-            ))
-            .bind(query)
-            .fetch(&mut *conn);
+            let mut rows = sqlx::query_as::<_, OrderRow>(Self::SEARCH_SQL)
+                .bind(pattern)
+                .fetch(&mut *conn);
             while let Some(row) = rows.try_next().await? {
                 yield row.into_order()?;
             }
@@ -250,12 +268,36 @@ impl OrderStore for PostgresStore {
     }
 }
 
+/// A `LIKE` pattern matching text that contains `query` as it is: `%`, `_` and the escape character
+/// `\` in it match only themselves.
+fn contains_pattern(query: &str) -> String {
+    let mut pattern = String::with_capacity(query.len() + 2);
+    pattern.push('%');
+    for c in query.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 async fn exists(conn: &mut PgConnection, id: OrderId) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM orders WHERE id = $1")
         .bind(id.as_uuid())
         .fetch_optional(conn)
         .await?
         .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn search_patterns_match_like_wildcards_literally() {
+        assert_eq!(super::contains_pattern("Widget"), "%Widget%");
+        assert_eq!(super::contains_pattern(r"50%_off\\"), r"%50\%\_off\\\\%");
+    }
 }
 
 #[derive(sqlx::FromRow)]

@@ -52,6 +52,10 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.get())
             .acquire_timeout(settings.acquire_timeout)
+            // An embedded database has no connection to lose. sqlx runs each SQLite connection on a
+            // thread of its own, so the default ping on acquire would cost every call one more
+            // hand-off to that thread and back (sqlx still pings once when a connection returns).
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         Ok(Self {
             pool,
