@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let order = api::Order {
         id: String::new(),
         items: vec!["widget".to_owned(), "gadget".to_owned()],
-        description: "a benchmark order".to_owned(),
+        description: "benchmark order 0123456789abcdef0123456789abcdef".to_owned(),
         price_cents: 1250,
         destination: "Oslo".to_owned(),
         status: api::OrderStatus::Pending.into(),
