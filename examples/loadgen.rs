@@ -88,23 +88,21 @@ struct Args {
     /// Calls made before measuring starts, on the same connections, not counted in the report.
     #[arg(long)]
     warmup: Option<u64>,
-    /// Plaintext HTTP/2 (the default unless a TLS option is given). Accepted for ghz compatibility.
-    #[arg(long, conflicts_with_all = ["cacert", "cert", "key", "tls"])]
+    /// Plaintext HTTP/2 (the default unless --cacert is given). Accepted for ghz compatibility.
+    #[arg(long, conflicts_with_all = ["cacert", "cert", "key", "cname"])]
     insecure: bool,
-    /// TLS, verifying the server against the system's roots or --cacert.
-    #[arg(long)]
-    tls: bool,
-    /// PEM CA bundle to verify the server with (implies TLS).
+    /// PEM CA bundle to verify the server with: turns TLS on. (The tool has no system roots: it
+    /// load-tests servers whose CA you hold, as the service's own `tls`/`client` settings do.)
     #[arg(long)]
     cacert: Option<PathBuf>,
     /// PEM client certificate for mutual TLS (with --key).
-    #[arg(long, requires = "key")]
+    #[arg(long, requires_all = ["key", "cacert"])]
     cert: Option<PathBuf>,
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
     /// Server name to verify the certificate against, when it differs from the host.
-    #[arg(long)]
+    #[arg(long, requires = "cacert")]
     cname: Option<String>,
     /// Bearer token sent as `authorization: Bearer …` on every call.
     #[arg(long, conflicts_with = "bearer_file")]
@@ -288,11 +286,9 @@ impl Plan {
             );
         }
 
-        let tls = if args.tls || args.cacert.is_some() || args.cert.is_some() {
-            let mut tls = ClientTlsConfig::new().with_enabled_roots();
-            if let Some(path) = &args.cacert {
-                tls = tls.ca_certificate(Certificate::from_pem(read(path)?));
-            }
+        let tls = if let Some(cacert) = &args.cacert {
+            let mut tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(cacert)?));
             if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
                 tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
@@ -569,10 +565,9 @@ impl Template {
                 ["env", name] => {
                     // Quoted as in Go templates; inside a JSON string the quotes arrive escaped.
                     let name = name.trim_matches(|c| c == '"' || c == '\\');
-                    text.push_str(
-                        &std::env::var(name)
-                            .with_context(|| format!("{{{{env {name:?}}}}}: not set"))?,
-                    );
+                    let value = std::env::var(name)
+                        .with_context(|| format!("{{{{env {name:?}}}}}: not set"))?;
+                    text.push_str(&json_string_content(value));
                     continue;
                 }
                 _ => bail!("unknown template action {{{{{action}}}}}"),
@@ -615,6 +610,12 @@ impl Template {
         }
         out
     }
+}
+
+/// `value` escaped as the content of a JSON string, where an `{{env}}` value lands.
+fn json_string_content(value: String) -> String {
+    let quoted = serde_json::Value::String(value).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
 }
 
 fn positive(word: &str) -> anyhow::Result<u64> {
@@ -661,6 +662,9 @@ impl Worker {
                 // Call `number` is due `number / rps` seconds after the start, whichever worker makes it.
                 let due =
                     self.started + Duration::from_secs_f64((number - self.first) as f64 / rps);
+                if self.deadline.is_some_and(|deadline| due >= deadline) {
+                    break;
+                }
                 tokio::time::sleep_until(due.into()).await;
             }
             if self
@@ -673,7 +677,11 @@ impl Worker {
             let call = &self.calls[index];
             let messages = call.encode(number, self.id)?;
             let began = Instant::now();
-            let outcome = self.call(&mut grpc, call, messages).await;
+            // grpc-timeout bounds the call at the server; this bounds it here too, response stream
+            // included, so a stalled stream cannot hold a worker.
+            let outcome = tokio::time::timeout(self.timeout, self.call(&mut grpc, call, messages))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("loadgen: --timeout passed")));
             let latency = began.elapsed();
             if outcome.is_err() {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -975,6 +983,10 @@ mod tests {
         assert!(Template::parse("{{.Nope}}").is_err());
         assert!(Template::parse("{{mod .RequestNumber 0}}").is_err());
         assert!(Template::parse("{{uuid").is_err());
+        assert_eq!(
+            json_string_content(r#"say "hi" \ now"#.to_owned()),
+            r#"say \"hi\" \\ now"#
+        );
     }
 
     #[test]

@@ -333,6 +333,10 @@ async fn paging_while_orders_are_added_never_skips_or_repeats(backend: Backend) 
     // it in creation order. An order created while paging may or may not be seen.
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "an order was listed twice");
+    assert!(
+        seen.len() >= before.len(),
+        "orders from before paging were skipped"
+    );
     assert_eq!(
         seen[..before.len()],
         before,
