@@ -2,7 +2,7 @@
 //! into it, so a service generated from the template load-tests its own methods with no changes.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- --call order.v1.OrderService/GetOrder \
+//! cargo run --release --example loadgen -- --call <package>.OrderService/GetOrder \
 //!     -d '{"id":"<an order id>"}' -n 100000 -c 64 --connections 4 127.0.0.1:50051
 //! cargo run --release --example loadgen -- --config bench/scenarios/create-order.json 127.0.0.1:50051
 //! ```
