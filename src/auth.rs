@@ -3,7 +3,9 @@
 //!
 //! With `auth.mode = "jwt"` every call to a method that is not public needs
 //! `authorization: Bearer <JWT>`: signature (HS256 with a shared secret, or RS256/ES256 with a public
-//! key), `exp`, `nbf`, `iss` and `aud` are all required and checked. A missing or bad token is
+//! key), `exp`, `iss` and `aud` are required and checked, and `nbf` is checked when the token has one
+//! (RFC 7519 makes it optional, and Auth0, Google and Keycloak access tokens carry none); `aud` may be
+//! a string or an array. A missing or bad token is
 //! UNAUTHENTICATED; a good token without the scope the method needs (the standard space-separated
 //! `scope` claim, matched against [`crate::service::METHOD_SCOPES`]) is PERMISSION_DENIED. The token's
 //! subject reaches handlers as a [`Subject`] request extension. Token values are never logged.
@@ -194,8 +196,9 @@ struct Claims {
     /// Required by the validation, so always present once a token has passed it.
     #[serde(default)]
     exp: u64,
+    /// Optional (RFC 7519 §4.1.5): most identity providers' access tokens have none.
     #[serde(default)]
-    nbf: u64,
+    nbf: Option<u64>,
 }
 
 impl Claims {
@@ -286,7 +289,8 @@ impl JwtVerifier {
         let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[&settings.issuer]);
         validation.set_audience(&[&settings.audience]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+        // `nbf` is validated when present (jsonwebtoken skips an absent one), never required.
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = settings.leeway.as_secs();
         Ok(Self {
@@ -312,7 +316,10 @@ impl JwtVerifier {
                     "the bearer token has expired",
                 ));
             }
-            if now.saturating_add(leeway) < claims.nbf {
+            if claims
+                .nbf
+                .is_some_and(|nbf| now.saturating_add(leeway) < nbf)
+            {
                 return Err(unauthenticated(
                     Reason::UnauthenticatedTokenNotYetValid,
                     "the bearer token is not valid yet (nbf)",
@@ -355,7 +362,7 @@ impl JwtVerifier {
                     ),
                     ErrorKind::MissingRequiredClaim(_) => (
                         Reason::UnauthenticatedTokenInvalid,
-                        "the bearer token lacks a required claim (exp, nbf, iss, aud)",
+                        "the bearer token lacks a required claim (exp, iss, aud)",
                     ),
                     _ => (
                         Reason::UnauthenticatedTokenInvalid,
@@ -539,7 +546,7 @@ mod tests {
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.set_issuer(&[&settings.issuer]);
                 validation.set_audience(&[&settings.audience]);
-                validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+                validation.set_required_spec_claims(&["exp", "iss", "aud"]);
                 validation.validate_nbf = true;
                 validation.leeway = 30;
                 validation
@@ -590,7 +597,7 @@ mod tests {
             sub: None,
             scope: "orders.read  orders.write".to_owned(),
             exp: 0,
-            nbf: 0,
+            nbf: None,
         };
         assert!(claims.has_scope("orders.write"));
         assert!(!claims.has_scope("orders"));

@@ -561,11 +561,10 @@ async fn jwt_tokens_are_checked_for_signature_time_issuer_and_audience() {
         unauthenticated(get_with(&app, Some(&hs256(&misdirected, SECRET))).await),
         "UNAUTHENTICATED_TOKEN_INVALID"
     );
-    for missing in ["exp", "nbf", "iss", "aud"] {
+    for missing in ["exp", "iss", "aud"] {
         let mut partial = claims("orders.read");
         match missing {
             "exp" => partial.exp = None,
-            "nbf" => partial.nbf = None,
             "iss" => partial.iss = None,
             _ => partial.aud = None,
         }
@@ -585,6 +584,60 @@ async fn jwt_tokens_are_checked_for_signature_time_issuer_and_audience() {
     get_with(&app, Some(&hs256(&claims("orders.read"), SECRET)))
         .await
         .expect("a valid token is served");
+}
+
+/// The access tokens of Auth0, Google and Keycloak: `iss`, `aud` (a string or an array), `exp`, `iat`,
+/// `sub` and `scope`, and no `nbf`, which RFC 7519 makes optional.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standard_access_token_without_nbf_is_accepted_and_aud_may_be_an_array() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, SECRET).expect("write secret");
+    let app = jwt_app(&secret_file, true).await;
+    let sign = |claims: serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .expect("sign token")
+    };
+
+    let without_nbf = sign(serde_json::json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "orders.read",
+        "iat": now(), "exp": now() + 600,
+    }));
+    get_with(&app, Some(&without_nbf))
+        .await
+        .expect("a token without nbf is served");
+    // Served again from the verified-token cache, which must not require nbf either.
+    get_with(&app, Some(&without_nbf))
+        .await
+        .expect("a token without nbf is served again");
+
+    let audiences = sign(serde_json::json!({
+        "iss": ISSUER, "aud": ["https://userinfo.test", AUDIENCE], "sub": "alice",
+        "scope": "orders.read", "iat": now(), "exp": now() + 600,
+    }));
+    get_with(&app, Some(&audiences))
+        .await
+        .expect("an audience array naming this service is served");
+    let other_audiences = sign(serde_json::json!({
+        "iss": ISSUER, "aud": ["https://userinfo.test", "another-api"], "sub": "alice",
+        "scope": "orders.read", "iat": now(), "exp": now() + 600,
+    }));
+    let status = get_with(&app, Some(&other_audiences))
+        .await
+        .expect_err("an audience array without this service");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // nbf, when present, is still checked.
+    let early = sign(serde_json::json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "orders.read",
+        "iat": now(), "exp": now() + 7200, "nbf": now() + 3600,
+    }));
+    let status = get_with(&app, Some(&early)).await.expect_err("nbf ahead");
+    assert_eq!(reason(&status), "UNAUTHENTICATED_TOKEN_NOT_YET_VALID");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
