@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let settings = Settings::load(None)?;
     // One client for the whole program: it holds the connections, the rotation and the retry budget.
-    let client = Client::new(&settings.client).await?;
+    let client = Client::new(&settings.platform.client).await?;
     for _ in 0..repeat {
         let created = client
             .create_order(

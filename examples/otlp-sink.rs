@@ -48,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("otlp-sink: receiving spans on {addr}");
     tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(sink.clone()))
-        .serve_with_shutdown(addr, app::shutdown::signal())
+        .serve_with_shutdown(addr, platform::shutdown::signal())
         .await?;
     println!(
         "otlp-sink: {} spans received",

@@ -22,13 +22,13 @@ use std::{
 use futures::future::{Either, Ready, ready};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use pin_project_lite::pin_project;
+use platform::config::{AuthMode, AuthSettings};
 use serde::Deserialize;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use crate::{
     api::Method,
-    config::{AuthMode, AuthSettings},
     status::{self, Reason},
 };
 

@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use platform::config::ClientSettings;
 use tokio::time::Instant;
 use tonic::{
     Code, Request, Status,
@@ -37,10 +38,7 @@ use tonic::{
 };
 use tonic_types::StatusExt;
 
-use crate::{
-    api::{self, order_service_client::OrderServiceClient},
-    config::ClientSettings,
-};
+use crate::api::{self, order_service_client::OrderServiceClient};
 
 /// How long an address whose connection failed is left out of the rotation.
 const EJECT_FOR: Duration = Duration::from_secs(5);

@@ -11,7 +11,6 @@ pub mod health;
 pub mod healthcheck;
 pub mod server;
 pub mod service;
-pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -24,14 +24,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or_default() {
         Command::Serve => {
-            let telemetry = telemetry::init(&settings.telemetry)?;
+            let telemetry = telemetry::init(&settings.platform.telemetry)?;
             let served = server::run(&settings).await;
             // Whether serving ended well or not, the spans of its last calls go out.
             telemetry.shutdown().await;
             served?;
         }
         Command::Migrate => {
-            let telemetry = telemetry::init(&settings.telemetry)?;
+            let telemetry = telemetry::init(&settings.platform.telemetry)?;
             let store = store::connect(&settings.database, &Default::default())?;
             store.migrate().await.context("migrating the database")?;
             store.close().await;

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TlsSettings;
+use platform::config::TlsSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

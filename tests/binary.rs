@@ -1231,7 +1231,7 @@ mod drain {
         let second = RunningServer::start_with(dir.path(), &env).await;
         first.wait_until_serving().await;
         second.wait_until_serving().await;
-        let settings = app::config::ClientSettings {
+        let settings = platform::config::ClientSettings {
             targets: vec![first.addr.clone(), second.addr.clone()],
             timeout: Duration::from_secs(10),
             ..Default::default()

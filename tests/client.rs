@@ -9,9 +9,9 @@ use std::time::Duration;
 use app::{
     api,
     client::{CallOptions, Client},
-    config::ClientSettings,
 };
 use common::{TcpServer, order_to};
+use platform::config::ClientSettings;
 use tonic::Code;
 
 fn create_request() -> api::CreateOrderRequest {
@@ -24,8 +24,8 @@ fn create_request() -> api::CreateOrderRequest {
 #[tokio::test]
 async fn calls_over_the_rate_limit_wait_for_the_servers_pushback_and_succeed() {
     let server = TcpServer::start(|settings| {
-        settings.server.rate_limit.per_second = 5;
-        settings.server.rate_limit.burst = 1;
+        settings.platform.server.rate_limit.per_second = 5;
+        settings.platform.server.rate_limit.burst = 1;
     })
     .await;
 

@@ -6,8 +6,9 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use app::config::{LogFormat, Settings};
+use app::config::Settings;
 use figment::Jail;
+use platform::config::{ConfigError, LogFormat};
 
 /// `Settings::load` with its error in the form `Jail` closures return.
 fn load(config_file: Option<&Path>) -> figment::Result<Settings> {
@@ -18,7 +19,7 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().expect("test address")
 }
 
-fn error_text(result: Result<Settings, app::config::ConfigError>) -> String {
+fn error_text(result: Result<Settings, ConfigError>) -> String {
     result.expect_err("configuration is rejected").to_string()
 }
 
@@ -27,13 +28,16 @@ fn built_in_defaults_apply_without_any_file() {
     Jail::expect_with(|_| {
         let settings = load(None)?;
         assert_eq!(settings, Settings::default());
-        assert_eq!(settings.server.grpc_addr, addr("0.0.0.0:50051"));
-        assert_eq!(settings.server.metrics_addr, Some(addr("0.0.0.0:9090")));
-        assert!(settings.server.reflection);
+        assert_eq!(settings.platform.server.grpc_addr, addr("0.0.0.0:50051"));
+        assert_eq!(
+            settings.platform.server.metrics_addr,
+            Some(addr("0.0.0.0:9090"))
+        );
+        assert!(settings.platform.server.reflection);
         assert_eq!(settings.database.url.expose(), "sqlite://orders.db");
         assert!(settings.database.migrate);
         assert_eq!(settings.service.shipment_batch_size.get(), 3);
-        assert_eq!(settings.telemetry.log_format, LogFormat::Json);
+        assert_eq!(settings.platform.telemetry.log_format, LogFormat::Json);
         Ok(())
     });
 }
@@ -91,9 +95,12 @@ fn layers_override_in_order_defaults_file_env_file_cli_file_environment() {
         jail.set_env("RUST_LOG", "debug,sqlx=warn");
 
         let settings = load(Some(Path::new("override.toml")))?;
-        assert_eq!(settings.server.grpc_addr, addr("127.0.0.1:1001"));
-        assert!(!settings.server.reflection);
-        assert_eq!(settings.server.metrics_addr, Some(addr("127.0.0.1:2002")));
+        assert_eq!(settings.platform.server.grpc_addr, addr("127.0.0.1:1001"));
+        assert!(!settings.platform.server.reflection);
+        assert_eq!(
+            settings.platform.server.metrics_addr,
+            Some(addr("127.0.0.1:2002"))
+        );
         assert_eq!(settings.service.shipment_batch_size.get(), 6);
         assert_eq!(
             settings.database.acquire_timeout,
@@ -102,7 +109,7 @@ fn layers_override_in_order_defaults_file_env_file_cli_file_environment() {
         assert_eq!(settings.database.connect_timeout, Duration::from_secs(60));
         assert_eq!(settings.database.url.expose(), "sqlite://from-env.db");
         assert_eq!(
-            settings.telemetry.log_level.as_str(),
+            settings.platform.telemetry.log_level.as_str(),
             "debug,sqlx=warn",
             "RUST_LOG wins"
         );
@@ -212,7 +219,7 @@ fn a_timeout_added_in_a_file_joins_the_built_in_ones() {
             "config/default.toml",
             &format!("[server.timeouts.methods]\n\"{service}/GetOrder\" = \"2s\"\n"),
         )?;
-        let timeouts = load(None)?.server.timeouts;
+        let timeouts = load(None)?.platform.server.timeouts;
         assert_eq!(
             timeouts.methods.get(&format!("{service}/GetOrder")),
             Some(&Duration::from_secs(2))

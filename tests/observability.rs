@@ -321,7 +321,7 @@ async fn a_thousand_unknown_paths_add_no_series() {
 #[tokio::test]
 async fn with_metrics_off_there_is_no_registry_and_calls_are_served() {
     let app = TestApp::spawn_with(Backend::Sqlite, |settings| {
-        settings.server.metrics_addr = None;
+        settings.platform.server.metrics_addr = None;
     })
     .await
     .expect("SQLite");

@@ -212,7 +212,7 @@ mod database_outages {
         // Far longer than the call deadline below: only failing fast can answer UNAVAILABLE in time.
         settings.database.acquire_timeout = Duration::from_secs(3600);
         settings.database.connect_timeout = Duration::from_millis(500);
-        settings.health.failure_threshold = 3.try_into().expect("non-zero");
+        settings.platform.health.failure_threshold = 3.try_into().expect("non-zero");
         let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
             options.host("127.0.0.1").port(link.addr.port()),
             &settings.database,
@@ -288,7 +288,7 @@ mod database_outages {
         let link = Link::start(upstream).await;
         let mut settings = test_settings();
         // No health check in between to find the dead connections first.
-        settings.health.check_interval = Duration::from_secs(3600);
+        settings.platform.health.check_interval = Duration::from_secs(3600);
         let store: Arc<dyn OrderStore> = Arc::new(PostgresStore::with_options(
             options.host("127.0.0.1").port(link.addr.port()),
             &settings.database,
@@ -436,7 +436,7 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
 
 #[tokio::test]
 async fn reflection_can_be_turned_off() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.server.reflection = false)
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.platform.server.reflection = false)
         .await
         .expect("SQLite app");
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());

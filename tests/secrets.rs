@@ -4,8 +4,9 @@
 
 mod common;
 
-use app::{api, config::AuthMode};
+use app::api;
 use common::{Backend, TestApp, logs};
+use platform::config::AuthMode;
 use tonic::Request;
 
 const SECRET: &str = "never-log-this-secret-0123456789abcdef";
@@ -35,10 +36,10 @@ async fn no_log_line_at_any_level_holds_a_token_or_the_secret() {
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, SECRET).expect("write secret");
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.auth.mode = AuthMode::Jwt;
-        s.auth.jwt_secret_file = Some(secret_file);
-        s.auth.issuer = "issuer".to_owned();
-        s.auth.audience = "audience".to_owned();
+        s.platform.auth.mode = AuthMode::Jwt;
+        s.platform.auth.jwt_secret_file = Some(secret_file);
+        s.platform.auth.issuer = "issuer".to_owned();
+        s.platform.auth.audience = "audience".to_owned();
     })
     .await
     .expect("SQLite app");

@@ -16,7 +16,7 @@ use std::{
 use app::api::order_service_client::OrderServiceClient;
 use app::{
     api,
-    config::{AuthMode, Settings},
+    config::Settings,
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     store::{OrderStore, OrderStream, Page, PageCursor},
     tls::Reload,
@@ -25,6 +25,7 @@ use common::{
     Backend, TcpServer, TestApp, eventually, logs, order_to, probe, reason, search_and_take_one,
 };
 use futures::StreamExt;
+use platform::config::AuthMode;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, SanType,
@@ -134,13 +135,13 @@ impl TlsFiles {
     }
 
     fn configure(&self, settings: &mut Settings, mutual: bool) {
-        settings.tls.cert_file = Some(self.path("cert.pem"));
-        settings.tls.key_file = Some(self.path("key.pem"));
+        settings.platform.tls.cert_file = Some(self.path("cert.pem"));
+        settings.platform.tls.key_file = Some(self.path("key.pem"));
         if mutual {
-            settings.tls.client_ca_file = Some(self.path("ca.pem"));
+            settings.platform.tls.client_ca_file = Some(self.path("ca.pem"));
         }
         // Only the test's explicit reloads apply changes, unless a test asks for the timer.
-        settings.tls.reload_interval = Duration::from_secs(3600);
+        settings.platform.tls.reload_interval = Duration::from_secs(3600);
     }
 }
 
@@ -357,7 +358,7 @@ async fn the_reload_timer_picks_up_a_rotation_by_itself() {
     let files = TlsFiles::new(&old_ca.server(), None);
     let server = TcpServer::start(|s| {
         files.configure(s, false);
-        s.tls.reload_interval = Duration::from_millis(50);
+        s.platform.tls.reload_interval = Duration::from_millis(50);
     })
     .await;
     let new_ca = TestCa::new("New CA");
@@ -375,7 +376,7 @@ async fn a_client_that_never_finishes_its_handshake_is_dropped_and_others_are_se
     let files = TlsFiles::new(&ca.server(), None);
     let server = TcpServer::start(|s| {
         files.configure(s, false);
-        s.tls.handshake_timeout = Duration::from_millis(200);
+        s.platform.tls.handshake_timeout = Duration::from_millis(200);
     })
     .await;
     // Connects and says nothing: its handshake runs in a task of its own, so the accept loop goes
@@ -398,8 +399,8 @@ async fn bad_tls_settings_stop_start_up_naming_the_key_and_path() {
     let files = TlsFiles::new(&ca.server(), None);
     let mut settings = common::test_settings();
     files.configure(&mut settings, false);
-    settings.tls.key_file = Some(files.path("missing.pem"));
-    let err = app::tls::ServerTls::load(&settings.tls)
+    settings.platform.tls.key_file = Some(files.path("missing.pem"));
+    let err = app::tls::ServerTls::load(&settings.platform.tls)
         .err()
         .expect("missing key file");
     let message = err.to_string();
@@ -409,7 +410,7 @@ async fn bad_tls_settings_stop_start_up_naming_the_key_and_path() {
     );
 
     let mut settings = common::test_settings();
-    settings.tls.cert_file = Some(files.path("cert.pem"));
+    settings.platform.tls.cert_file = Some(files.path("cert.pem"));
     let message = settings.check().expect_err("cert without key");
     assert!(
         message.contains("tls.cert_file") && message.contains("tls.key_file"),
@@ -468,14 +469,14 @@ fn hs256(claims: &Claims, secret: &[u8]) -> String {
 async fn jwt_app(key_file: &Path, secret: bool) -> TestApp {
     let key_file = key_file.to_owned();
     TestApp::spawn_with(Backend::Sqlite, move |s| {
-        s.auth.mode = AuthMode::Jwt;
+        s.platform.auth.mode = AuthMode::Jwt;
         if secret {
-            s.auth.jwt_secret_file = Some(key_file);
+            s.platform.auth.jwt_secret_file = Some(key_file);
         } else {
-            s.auth.jwt_public_key_file = Some(key_file);
+            s.platform.auth.jwt_public_key_file = Some(key_file);
         }
-        s.auth.issuer = ISSUER.to_owned();
-        s.auth.audience = AUDIENCE.to_owned();
+        s.platform.auth.issuer = ISSUER.to_owned();
+        s.platform.auth.audience = AUDIENCE.to_owned();
     })
     .await
     .expect("SQLite app")
@@ -728,17 +729,17 @@ async fn es256_tokens_verify_with_a_public_key_file() {
 #[test]
 fn jwt_settings_need_exactly_one_key_and_an_issuer_and_audience() {
     let mut settings = Settings::default();
-    settings.auth.mode = AuthMode::Jwt;
-    settings.auth.issuer = ISSUER.to_owned();
-    settings.auth.audience = AUDIENCE.to_owned();
+    settings.platform.auth.mode = AuthMode::Jwt;
+    settings.platform.auth.issuer = ISSUER.to_owned();
+    settings.platform.auth.audience = AUDIENCE.to_owned();
     let message = settings.check().expect_err("no key");
     assert!(message.contains("auth.jwt_secret_file"), "{message}");
-    settings.auth.jwt_secret_file = Some("secret".into());
-    settings.auth.jwt_public_key_file = Some("public.pem".into());
+    settings.platform.auth.jwt_secret_file = Some("secret".into());
+    settings.platform.auth.jwt_public_key_file = Some("public.pem".into());
     assert!(settings.check().is_err(), "two keys");
-    settings.auth.jwt_public_key_file = None;
+    settings.platform.auth.jwt_public_key_file = None;
     settings.check().expect("one key");
-    settings.auth.audience.clear();
+    settings.platform.auth.audience.clear();
     let message = settings.check().expect_err("no audience");
     assert!(message.contains("auth.audience"), "{message}");
 }
@@ -906,7 +907,7 @@ fn search(query: &str) -> api::SearchOrdersRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_max_in_flight_are_refused_at_once_and_health_still_answers() {
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
-        s.server.max_in_flight = 1.try_into().expect("non-zero");
+        s.platform.server.max_in_flight = 1.try_into().expect("non-zero");
     })
     .await
     .expect("SQLite app");
@@ -942,7 +943,7 @@ async fn calls_over_max_in_flight_are_refused_at_once_and_health_still_answers()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_counts_as_in_flight_until_its_body_ends() {
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
-        s.server.max_in_flight = 1.try_into().expect("non-zero");
+        s.platform.server.max_in_flight = 1.try_into().expect("non-zero");
     })
     .await
     .expect("SQLite app");
@@ -986,7 +987,7 @@ async fn probe_until_limited(app: &TestApp, token: Option<&str>) -> (usize, toni
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_health_watch_counts_as_a_call_in_flight() {
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.server.max_in_flight = 1.try_into().expect("non-zero");
+        s.platform.server.max_in_flight = 1.try_into().expect("non-zero");
     })
     .await
     .expect("SQLite app");
@@ -1022,8 +1023,8 @@ async fn an_open_health_watch_counts_as_a_call_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_refuses_with_retry_info_and_pushback() {
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.server.rate_limit.per_second = 1;
-        s.server.rate_limit.burst = 3;
+        s.platform.server.rate_limit.per_second = 1;
+        s.platform.server.rate_limit.burst = 3;
     })
     .await
     .expect("SQLite app");
@@ -1065,12 +1066,12 @@ async fn each_authenticated_subject_has_a_bucket_of_its_own() {
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, SECRET).expect("write secret");
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.auth.mode = AuthMode::Jwt;
-        s.auth.jwt_secret_file = Some(secret_file);
-        s.auth.issuer = ISSUER.to_owned();
-        s.auth.audience = AUDIENCE.to_owned();
-        s.server.rate_limit.per_second = 1;
-        s.server.rate_limit.burst = 2;
+        s.platform.auth.mode = AuthMode::Jwt;
+        s.platform.auth.jwt_secret_file = Some(secret_file);
+        s.platform.auth.issuer = ISSUER.to_owned();
+        s.platform.auth.audience = AUDIENCE.to_owned();
+        s.platform.server.rate_limit.per_second = 1;
+        s.platform.server.rate_limit.burst = 2;
     })
     .await
     .expect("SQLite app");
@@ -1090,9 +1091,11 @@ async fn each_authenticated_subject_has_a_bucket_of_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_request_is_resource_exhausted_and_the_connection_carries_on() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.server.max_message_bytes = 64 * 1024)
-        .await
-        .expect("SQLite app");
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.platform.server.max_message_bytes = 64 * 1024
+    })
+    .await
+    .expect("SQLite app");
     let mut order = order_to("Oslo");
     order.description = "x".repeat(100 * 1024);
     let status = app
@@ -1114,9 +1117,11 @@ async fn an_oversize_request_is_resource_exhausted_and_the_connection_carries_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_response_is_resource_exhausted_too() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.server.max_message_bytes = 4 * 1024)
-        .await
-        .expect("SQLite app");
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.platform.server.max_message_bytes = 4 * 1024
+    })
+    .await
+    .expect("SQLite app");
     // Each order fits in a message; a page of three does not.
     for _ in 0..3 {
         let mut order = order_to("Oslo");
@@ -1169,11 +1174,13 @@ async fn the_servers_own_deadline_applies_method_over_service_over_default() {
     let service = app::health::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
         // The service's limit is long; the method's own is short and wins.
-        s.server
+        s.platform
+            .server
             .timeouts
             .services
             .insert(service.to_owned(), Duration::from_secs(3600));
-        s.server
+        s.platform
+            .server
             .timeouts
             .methods
             .insert(format!("{service}/GetOrder"), Duration::from_millis(200));
@@ -1204,7 +1211,7 @@ async fn the_servers_own_deadline_applies_method_over_service_over_default() {
 async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
     let service = app::health::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
-        s.server.timeouts.methods.insert(
+        s.platform.server.timeouts.methods.insert(
             format!("{service}/SearchOrders"),
             Duration::from_millis(300),
         );
@@ -1223,7 +1230,7 @@ async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
 async fn a_stream_whose_client_stops_reading_is_still_dropped_at_its_deadline() {
     let service = app::health::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
-        s.server.timeouts.methods.insert(
+        s.platform.server.timeouts.methods.insert(
             format!("{service}/SearchOrders"),
             Duration::from_millis(500),
         );
@@ -1288,7 +1295,7 @@ async fn an_unfinished_client_stream_applies_nothing_when_its_deadline_passes() 
 async fn a_bidi_stream_is_cut_when_its_deadline_passes() {
     let service = app::health::ORDER_SERVICE_NAME;
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.server.timeouts.methods.insert(
+        s.platform.server.timeouts.methods.insert(
             format!("{service}/ProcessOrders"),
             Duration::from_millis(300),
         );
@@ -1481,7 +1488,7 @@ async fn raw_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_their_codes_and_the_server_keeps_serving() {
-    let server = TcpServer::start(|s| s.server.max_message_bytes = 64 * 1024).await;
+    let server = TcpServer::start(|s| s.platform.server.max_message_bytes = 64 * 1024).await;
     let channel = server
         .connect(server.plaintext_endpoint())
         .await
@@ -1540,7 +1547,7 @@ async fn hostile_requests_get_their_codes_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_streams_on_one_connection_wait_for_room_and_all_succeed() {
-    let server = TcpServer::start(|s| s.server.max_concurrent_streams = 100).await;
+    let server = TcpServer::start(|s| s.platform.server.max_concurrent_streams = 100).await;
     let channel = server
         .connect(server.plaintext_endpoint())
         .await
@@ -1597,8 +1604,8 @@ async fn open_h2(server: &TcpServer) -> tokio::net::TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_answer_pings_is_disconnected() {
     let server = TcpServer::start(|s| {
-        s.server.keepalive_interval = Duration::from_millis(100);
-        s.server.keepalive_timeout = Duration::from_millis(200);
+        s.platform.server.keepalive_interval = Duration::from_millis(100);
+        s.platform.server.keepalive_timeout = Duration::from_millis(200);
     })
     .await;
     let mut stream = open_h2(&server).await;
@@ -1611,7 +1618,7 @@ async fn a_peer_that_does_not_answer_pings_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_announces_its_stream_limit() {
-    let server = TcpServer::start(|s| s.server.max_concurrent_streams = 37).await;
+    let server = TcpServer::start(|s| s.platform.server.max_concurrent_streams = 37).await;
     let mut stream = open_h2(&server).await;
     // The server's first frame is its SETTINGS: 6-byte entries of a 16-bit id and a 32-bit value.
     let mut header = [0u8; 9];
@@ -1631,7 +1638,8 @@ async fn the_server_announces_its_stream_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_no_preface_is_closed() {
-    let server = TcpServer::start(|s| s.server.preface_timeout = Duration::from_millis(200)).await;
+    let server =
+        TcpServer::start(|s| s.platform.server.preface_timeout = Duration::from_millis(200)).await;
     let mut silent = tokio::net::TcpStream::connect(server.addr)
         .await
         .expect("connect");
@@ -1646,7 +1654,8 @@ async fn a_connection_that_sends_no_preface_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_sent_goaway() {
     let server =
-        TcpServer::start(|s| s.server.max_connection_idle = Duration::from_millis(200)).await;
+        TcpServer::start(|s| s.platform.server.max_connection_idle = Duration::from_millis(200))
+            .await;
     let mut stream = open_h2(&server).await;
     let goaway = tokio::time::timeout(LIMIT, read_until_frame(&mut stream, GOAWAY))
         .await
@@ -1659,9 +1668,9 @@ async fn an_idle_connection_is_sent_goaway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_connection_is_sent_goaway_then_closed_after_its_grace() {
     let server = TcpServer::start(|s| {
-        s.server.max_connection_idle = Duration::ZERO;
-        s.server.max_connection_age = Duration::from_millis(200);
-        s.server.max_connection_age_grace = Duration::from_millis(200);
+        s.platform.server.max_connection_idle = Duration::ZERO;
+        s.platform.server.max_connection_age = Duration::from_millis(200);
+        s.platform.server.max_connection_age_grace = Duration::from_millis(200);
     })
     .await;
     let mut stream = open_h2(&server).await;
@@ -1678,8 +1687,8 @@ async fn an_old_connection_is_sent_goaway_then_closed_after_its_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_connections_are_pinged() {
     let server = TcpServer::start(|s| {
-        s.server.keepalive_interval = Duration::from_millis(100);
-        s.server.keepalive_timeout = Duration::from_secs(20);
+        s.platform.server.keepalive_interval = Duration::from_millis(100);
+        s.platform.server.keepalive_timeout = Duration::from_secs(20);
     })
     .await;
     let mut stream = open_h2(&server).await;

@@ -17,6 +17,7 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use platform::config::TimeoutSettings;
 use tokio::{
     sync::oneshot,
     time::{Instant, Sleep},
@@ -30,7 +31,6 @@ use super::{
 };
 use crate::{
     api::{Method, MethodKind},
-    config::TimeoutSettings,
     status::{self, Reason},
 };
 
@@ -411,7 +411,8 @@ mod tests {
     #[test]
     fn the_most_specific_timeout_wins_and_zero_means_none() {
         let service = crate::health::ORDER_SERVICE_NAME;
-        let table = TimeoutTable::new(&TimeoutSettings::default(), &served_methods())
+        let settings = crate::config::Settings::default();
+        let table = TimeoutTable::new(&settings.platform.server.timeouts, &served_methods())
             .expect("defaults name served methods");
         let path = |method: &str| format!("/{service}/{method}");
         let timeout = |path: &str| table.for_path(path).timeout;
@@ -459,7 +460,8 @@ mod tests {
 
         use tower::ServiceExt;
 
-        let table = TimeoutTable::new(&TimeoutSettings::default(), &served_methods())
+        let settings = crate::config::Settings::default();
+        let table = TimeoutTable::new(&settings.platform.server.timeouts, &served_methods())
             .expect("defaults name served methods");
         let seen = Arc::new(Mutex::new(None));
         let handler = {

@@ -21,6 +21,7 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
+use platform::config::{AuthMode, ShutdownSettings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
@@ -44,10 +45,9 @@ pub use self::{
 use crate::{
     api,
     auth::{AuthError, AuthLayer, AuthPolicy, Authenticate},
-    config::{AuthMode, Settings, ShutdownSettings},
+    config::Settings,
     health::{self, WatchSettings},
     service::{self, OrderApi},
-    shutdown,
     store::{self, Instrumented, OrderStore},
     telemetry::metrics::{self, Metrics, MetricsError},
     tls::{ServerTls, TlsError},
@@ -136,8 +136,8 @@ impl Application {
 
     /// The metrics registry `settings` asks for: none when `server.metrics_addr` is `""`.
     pub fn metrics_for(settings: &Settings) -> Result<Option<Arc<Metrics>>, ServerError> {
-        Ok(match settings.server.metrics_addr {
-            Some(_) => Some(Arc::new(Metrics::new(&settings.telemetry)?)),
+        Ok(match settings.platform.server.metrics_addr {
+            Some(_) => Some(Arc::new(Metrics::new(&settings.platform.telemetry)?)),
             None => None,
         })
     }
@@ -168,7 +168,7 @@ impl Application {
             let store = Arc::clone(&store);
             metrics.watch_pool(move || store.pool_status());
         }
-        let limit = settings.server.max_message_bytes;
+        let limit = settings.platform.server.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         // Alive, but not ready until the database is: the watch started by `serve` flips that.
         health::starting(&health).await;
@@ -183,7 +183,7 @@ impl Application {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         );
-        if settings.server.reflection {
+        if settings.platform.server.reflection {
             let builder = || {
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
@@ -205,15 +205,15 @@ impl Application {
         }
 
         let methods = api::served_methods();
-        let timeouts =
-            TimeoutTable::new(&settings.server.timeouts, &methods).map_err(ServerError::Config)?;
-        let auth = AuthPolicy::new(&settings.auth, &methods, &service::method_scopes())?;
+        let timeouts = TimeoutTable::new(&settings.platform.server.timeouts, &methods)
+            .map_err(ServerError::Config)?;
+        let auth = AuthPolicy::new(&settings.platform.auth, &methods, &service::method_scopes())?;
         let max_in_flight =
-            usize::try_from(settings.server.max_in_flight.get()).unwrap_or(usize::MAX);
+            usize::try_from(settings.platform.server.max_in_flight.get()).unwrap_or(usize::MAX);
         let catalogue = Catalogue::new(
             &methods,
             metrics.as_deref(),
-            &settings.telemetry.redact_fields,
+            &settings.platform.telemetry.redact_fields,
         )?;
         let drain = DrainLayer::new();
         let in_flight = InFlightLimitLayer::new(max_in_flight);
@@ -223,32 +223,32 @@ impl Application {
             .layer(in_flight.clone())
             .layer(DeadlineLayer::new(timeouts))
             .layer(AuthLayer::new(auth))
-            .layer(RateLimitLayer::new(&settings.server.rate_limit))
+            .layer(RateLimitLayer::new(&settings.platform.server.rate_limit))
             .layer(PanicGuardLayer)
             .layer(ErrorDetailsLayer)
             .service(routes.routes().prepare());
 
-        let tls = ServerTls::load(&settings.tls)?;
+        let tls = ServerTls::load(&settings.platform.tls)?;
         Ok(Self {
             service,
             store,
             health,
             watch: WatchSettings {
                 migrate: settings.database.migrate,
-                interval: settings.health.check_interval,
-                failure_threshold: settings.health.failure_threshold.get(),
+                interval: settings.platform.health.check_interval,
+                failure_threshold: settings.platform.health.failure_threshold.get(),
                 check_timeout: settings.database.connect_timeout,
             },
             tls,
-            tls_reload_interval: settings.tls.reload_interval,
+            tls_reload_interval: settings.platform.tls.reload_interval,
             connections: Arc::new(ConnectionOptions::new(
-                &settings.server,
-                settings.tls.handshake_timeout,
+                &settings.platform.server,
+                settings.platform.tls.handshake_timeout,
             )),
             metrics,
             drain,
             in_flight,
-            shutdown: settings.shutdown.clone(),
+            shutdown: settings.platform.shutdown.clone(),
         })
     }
 
@@ -496,13 +496,13 @@ fn millis_since(start: Instant) -> u64 {
 /// The `serve` command: listens on `server.grpc_addr`, and serves metrics on `server.metrics_addr`,
 /// until SIGINT or SIGTERM.
 pub async fn run(settings: &Settings) -> Result<(), ServerError> {
-    let (listener, local_addr) = bind(settings.server.grpc_addr).await?;
+    let (listener, local_addr) = bind(settings.platform.server.grpc_addr).await?;
     let application = Application::build(settings).await?;
     for warning in exposure_warnings(settings, local_addr) {
         tracing::warn!(addr = %local_addr, "{warning}");
     }
     let stop_metrics = CancellationToken::new();
-    let metrics_endpoint = match (settings.server.metrics_addr, application.metrics()) {
+    let metrics_endpoint = match (settings.platform.server.metrics_addr, application.metrics()) {
         (Some(addr), Some(metrics)) => {
             let (metrics_listener, metrics_addr) = bind(addr).await?;
             tracing::info!(addr = %metrics_addr, "serving metrics at /metrics");
@@ -516,7 +516,7 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
     };
     tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
     let mut served = application
-        .serve_until(incoming(listener), shutdown::requests())
+        .serve_until(incoming(listener), platform::shutdown::requests())
         .await;
     // Scrapes go on while the calls drain, so the last of them are counted; then the endpoint stops.
     stop_metrics.cancel();
@@ -569,13 +569,13 @@ pub fn incoming(
 /// One warning per risk that the configuration leaves open, logged at start-up.
 fn exposure_warnings(settings: &Settings, addr: SocketAddr) -> Vec<&'static str> {
     let mut warnings = Vec::new();
-    if settings.tls.cert_file.is_none() {
+    if settings.platform.tls.cert_file.is_none() {
         warnings.push(
             "TLS is off (tls.cert_file is not set): calls, tokens and data cross the network in \
              plaintext; use it only for local development or behind a mesh that encrypts",
         );
     }
-    if settings.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
+    if settings.platform.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
         warnings.push(
             "authentication is off (auth.mode = \"none\") on a non-loopback address: anyone who \
              can reach the port can read and change orders",
@@ -609,12 +609,12 @@ mod tests {
         let mut settings = Settings::default();
         assert_eq!(exposure_warnings(&settings, loopback).len(), 1);
         assert_eq!(exposure_warnings(&settings, everywhere).len(), 2);
-        settings.tls.cert_file = Some("tls.crt".into());
-        settings.tls.key_file = Some("tls.key".into());
+        settings.platform.tls.cert_file = Some("tls.crt".into());
+        settings.platform.tls.key_file = Some("tls.key".into());
         assert!(exposure_warnings(&settings, loopback).is_empty());
         let warnings = exposure_warnings(&settings, everywhere);
         assert!(warnings[0].contains("auth.mode"), "{warnings:?}");
-        settings.auth.mode = AuthMode::Jwt;
+        settings.platform.auth.mode = AuthMode::Jwt;
         assert!(exposure_warnings(&settings, everywhere).is_empty());
     }
 }

@@ -673,7 +673,7 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     use super::*;
-    use crate::config::TelemetrySettings;
+    use platform::config::TelemetrySettings;
 
     /// A response body made of given frames.
     struct Frames(VecDeque<Frame<Bytes>>);

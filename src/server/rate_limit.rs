@@ -23,7 +23,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tower::{Layer, Service};
 
 use super::{connection::Peer, is_health_check};
-use crate::{auth::Subject, config::RateLimitSettings, status, tls::ClientIdentity};
+use platform::config::RateLimitSettings;
+
+use crate::{auth::Subject, status, tls::ClientIdentity};
 
 const PRUNE_EVERY: u64 = 1024;
 

@@ -14,7 +14,9 @@ use prometheus::{
 };
 use tonic::Code;
 
-use crate::{api::MethodKind, config::TelemetrySettings, store::PoolStatus};
+use platform::config::TelemetrySettings;
+
+use crate::{api::MethodKind, store::PoolStatus};
 
 pub use prometheus::Error as MetricsError;
 

@@ -24,7 +24,7 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-use crate::config::{LogFormat, TelemetrySettings};
+use platform::config::{LogFormat, TelemetrySettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

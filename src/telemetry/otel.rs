@@ -32,7 +32,7 @@ use opentelemetry_sdk::{
 };
 
 use super::{CallIds, metrics::DROPPED_SPANS};
-use crate::config::TelemetrySettings;
+use platform::config::TelemetrySettings;
 
 /// The OTLP endpoint to export to, if any: `telemetry.otlp_endpoint`, else the standard variables.
 fn endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {

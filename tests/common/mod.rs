@@ -615,9 +615,9 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 /// Defaults, with a fast health check so tests never wait long for a status change.
 pub fn test_settings() -> Settings {
     let mut settings = Settings::default();
-    settings.health.check_interval = Duration::from_millis(50);
+    settings.platform.health.check_interval = Duration::from_millis(50);
     // No load balancer to wait for in memory: the drain starts at once.
-    settings.shutdown.drain_delay = Duration::ZERO;
+    settings.platform.shutdown.drain_delay = Duration::ZERO;
     settings.database.max_connections = 5.try_into().expect("non-zero");
     settings
 }
