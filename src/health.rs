@@ -10,13 +10,12 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{api::order_service_server::OrderServiceServer, service::OrderApi, store::OrderStore};
+use crate::store::OrderStore;
 
 /// The service name that health checks use for the order API.
-pub const ORDER_SERVICE_NAME: &str = <OrderServiceServer<OrderApi> as NamedService>::NAME;
+pub const ORDER_SERVICE_NAME: &str = crate::api::order_service_server::SERVICE_NAME;
 
 /// The name whose status is the whole server's liveness.
 pub const LIVENESS: &str = "";

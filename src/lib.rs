@@ -13,5 +13,7 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
-pub mod telemetry;
 pub mod tls;
+
+/// This service's name, version and build, as the platform reports them (metrics, traces).
+pub const SERVICE: platform::ServiceInfo = platform::service_info!();

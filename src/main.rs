@@ -4,9 +4,10 @@ use anyhow::Context;
 use app::{
     cli::{Cli, Command},
     config::Settings,
-    healthcheck, server, store, telemetry,
+    healthcheck, server, store,
 };
 use clap::Parser;
+use platform::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,14 +25,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or_default() {
         Command::Serve => {
-            let telemetry = telemetry::init(&settings.platform.telemetry)?;
+            let telemetry = telemetry::init(&settings.platform.telemetry, &app::SERVICE)?;
             let served = server::run(&settings).await;
             // Whether serving ended well or not, the spans of its last calls go out.
             telemetry.shutdown().await;
             served?;
         }
         Command::Migrate => {
-            let telemetry = telemetry::init(&settings.platform.telemetry)?;
+            let telemetry = telemetry::init(&settings.platform.telemetry, &app::SERVICE)?;
             let store = store::connect(&settings.database, &Default::default())?;
             store.migrate().await.context("migrating the database")?;
             store.close().await;

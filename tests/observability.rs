@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use app::{
     api::{self, ProcessOrdersRequest, SearchOrdersRequest, UpdateOrdersRequest},
     health::ORDER_SERVICE_NAME,
-    telemetry::metrics::{Metrics, go_code_name},
 };
 use common::{Backend, TestApp, order_to};
 use futures::stream;
+use platform::telemetry::metrics::{Metrics, go_code_name};
 
 /// The samples of a scrape, by series (name and labels, as rendered).
 fn scrape(metrics: &Metrics) -> BTreeMap<String, f64> {

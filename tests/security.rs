@@ -873,7 +873,7 @@ impl OrderStore for Faulty {
         self.inner.system()
     }
 
-    fn pool_status(&self) -> app::store::PoolStatus {
+    fn pool_status(&self) -> platform::telemetry::metrics::PoolStatus {
         self.inner.pool_status()
     }
 }

@@ -2,4 +2,32 @@
 //! gRPC services, their policy and its readiness checks, and this crate runs them.
 
 pub mod config;
+pub mod methods;
 pub mod shutdown;
+pub mod telemetry;
+
+/// What the running service is: its Cargo package's name and version, and the commit and compiler
+/// it was built from. [`service_info!`] fills it in from the service's own crate; the platform
+/// reports it in `<name>_build_info` and in the traces' resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The commit (`BUILD_REVISION`, set by the service's `build.rs`).
+    pub revision: &'static str,
+    /// The compiler's version (`BUILD_RUSTC_VERSION`, set by the service's `build.rs`).
+    pub rustc: &'static str,
+}
+
+/// The [`ServiceInfo`] of the crate that expands it (the service's, not the platform's).
+#[macro_export]
+macro_rules! service_info {
+    () => {
+        $crate::ServiceInfo {
+            name: env!("CARGO_PKG_NAME"),
+            version: env!("CARGO_PKG_VERSION"),
+            revision: env!("BUILD_REVISION"),
+            rustc: env!("BUILD_RUSTC_VERSION"),
+        }
+    };
+}

@@ -21,7 +21,10 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use platform::config::{AuthMode, ShutdownSettings};
+use platform::{
+    config::{AuthMode, ShutdownSettings},
+    telemetry::metrics::{self, Metrics, MetricsError},
+};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
@@ -49,7 +52,6 @@ use crate::{
     health::{self, WatchSettings},
     service::{self, OrderApi},
     store::{self, Instrumented, OrderStore},
-    telemetry::metrics::{self, Metrics, MetricsError},
     tls::{ServerTls, TlsError},
 };
 
@@ -137,7 +139,10 @@ impl Application {
     /// The metrics registry `settings` asks for: none when `server.metrics_addr` is `""`.
     pub fn metrics_for(settings: &Settings) -> Result<Option<Arc<Metrics>>, ServerError> {
         Ok(match settings.platform.server.metrics_addr {
-            Some(_) => Some(Arc::new(Metrics::new(&settings.platform.telemetry)?)),
+            Some(_) => Some(Arc::new(Metrics::new(
+                &settings.platform.telemetry,
+                &crate::SERVICE,
+            )?)),
             None => None,
         })
     }

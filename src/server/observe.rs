@@ -32,15 +32,16 @@ use tower::{Layer, Service};
 use tracing::{Level, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use platform::telemetry::{
+    self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
+    metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
+    otel::{self, CallSampling},
+};
+
 use super::connection::Peer;
 use crate::{
     api::{self, Method, MethodKind},
     auth::Subject,
-    telemetry::{
-        self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
-        metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
-        otel::{self, CallSampling},
-    },
     tls::ClientIdentity,
 };
 
@@ -735,9 +736,10 @@ mod tests {
         response: fn() -> Response<Frames>,
         frames_to_read: usize,
     ) -> (Vec<serde_json::Value>, String) {
-        let metrics = Metrics::new(&TelemetrySettings::default()).expect("metrics");
+        let metrics =
+            Metrics::new(&TelemetrySettings::default(), &crate::SERVICE).expect("metrics");
         let layer = ObserveLayer::new(catalogue(&metrics));
-        let lines = crate::telemetry::test_support::json_logs(|| {
+        let lines = platform::telemetry::test_support::json_logs(|| {
             let service = layer.layer(service_fn(
                 move |_: http::Request<CountedBody<Empty<Bytes>>>| {
                     std::future::ready(Ok::<_, Infallible>(response()))

@@ -12,14 +12,15 @@ use futures::StreamExt;
 use prometheus::Histogram;
 use tracing::{Instrument, Span};
 
-use super::{OrderStore, OrderStream, Page, PageCursor, PoolStatus};
+use platform::telemetry::{
+    self,
+    metrics::{MetricsError, PoolStatus, StoreInstruments},
+};
+
+use super::{OrderStore, OrderStream, Page, PageCursor};
 use crate::{
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     error::{Error, Result},
-    telemetry::{
-        self,
-        metrics::{MetricsError, StoreInstruments},
-    },
 };
 
 /// The one table the store works on.

@@ -17,6 +17,7 @@ use std::{
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use platform::telemetry::metrics::{PoolStatus, StoreInstruments};
 use sqlx::{
     Database, Pool, SqlSafeStr, Transaction,
     migrate::{Migrate, Migrator},
@@ -27,7 +28,6 @@ use crate::{
     config::{Backend, DatabaseSettings},
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     error::{Error, Result},
-    telemetry::metrics::StoreInstruments,
 };
 
 #[cfg(feature = "postgres")]
@@ -98,22 +98,12 @@ pub trait OrderStore: Send + Sync + 'static {
     fn pool_status(&self) -> PoolStatus;
 }
 
-/// How many connections a pool holds, and how many it may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStatus {
-    /// Open connections, idle or in use.
-    pub size: u32,
-    pub idle: u32,
-    pub max: u32,
-}
-
-impl PoolStatus {
-    fn of<DB: Database>(pool: &Pool<DB>) -> Self {
-        Self {
-            size: pool.size(),
-            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
-            max: pool.options().get_max_connections(),
-        }
+/// The pool's connections now, for the metrics.
+fn pool_status<DB: Database>(pool: &Pool<DB>) -> PoolStatus {
+    PoolStatus {
+        size: pool.size(),
+        idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+        max: pool.options().get_max_connections(),
     }
 }
 

@@ -5,6 +5,7 @@ use std::{str::FromStr, sync::LazyLock, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use platform::telemetry::metrics::StoreInstruments;
 use sqlx::{
     Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -19,7 +20,6 @@ use crate::{
     config::DatabaseSettings,
     domain::{self, Order, OrderDetails, OrderId, OrderStatus, OrderUpdate, RequestId},
     error::{Error, Result},
-    telemetry::metrics::StoreInstruments,
 };
 
 static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
@@ -264,7 +264,7 @@ impl OrderStore for PostgresStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus::of(&self.pool)
+        super::pool_status(&self.pool)
     }
 }
 

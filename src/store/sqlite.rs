@@ -5,6 +5,7 @@ use std::{str::FromStr, sync::LazyLock};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use platform::telemetry::metrics::StoreInstruments;
 use sqlx::{
     SqliteConnection, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -18,7 +19,6 @@ use crate::{
     config::DatabaseSettings,
     domain::{self, Order, OrderDetails, OrderId, OrderStatus, OrderUpdate, RequestId},
     error::{Error, Result},
-    telemetry::metrics::StoreInstruments,
 };
 
 static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
@@ -239,7 +239,7 @@ impl OrderStore for SqliteStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus::of(&self.pool)
+        super::pool_status(&self.pool)
     }
 }
 

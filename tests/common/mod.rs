@@ -15,9 +15,9 @@ use app::{
     health::ORDER_SERVICE_NAME,
     server::{Application, ServerError},
     store::{OrderStore, SqliteStore},
-    telemetry::metrics::{Metrics, StoreInstruments},
 };
 use hyper_util::rt::TokioIo;
+use platform::telemetry::metrics::{Metrics, StoreInstruments};
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -138,7 +138,7 @@ impl TestApp {
         configure(&mut settings);
         // As `Application::build` does: the store records its connection waits into the metrics.
         let metrics = Application::metrics_for(&settings).expect("metrics registry");
-        let instruments = app::telemetry::metrics::store_instruments(metrics.as_deref());
+        let instruments = platform::telemetry::metrics::store_instruments(metrics.as_deref());
         let (store, database) = TestDatabase::create(backend, &settings, &instruments).await?;
         if migrate_first {
             store.migrate().await.expect("migrations apply");

@@ -14,9 +14,7 @@ use prometheus::{
 };
 use tonic::Code;
 
-use platform::config::TelemetrySettings;
-
-use crate::{api::MethodKind, store::PoolStatus};
+use crate::{ServiceInfo, config::TelemetrySettings, methods::MethodKind};
 
 pub use prometheus::Error as MetricsError;
 
@@ -113,7 +111,7 @@ impl std::fmt::Debug for Metrics {
 const RPC_LABELS: [&str; 3] = ["grpc_type", "grpc_service", "grpc_method"];
 
 impl Metrics {
-    pub fn new(settings: &TelemetrySettings) -> Result<Self, MetricsError> {
+    pub fn new(settings: &TelemetrySettings, service: &ServiceInfo) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             register(
@@ -219,7 +217,7 @@ impl Metrics {
             pool: OnceLock::new(),
             registry,
         };
-        metrics.register_build_info()?;
+        metrics.register_build_info(service)?;
         // The prometheus crate reads process facts from /proc: Linux only.
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
@@ -229,8 +227,8 @@ impl Metrics {
     }
 
     /// `<package>_build_info{version,revision,rustc} 1`, so dashboards show what runs where.
-    fn register_build_info(&self) -> Result<(), MetricsError> {
-        let name = format!("{}_build_info", env!("CARGO_PKG_NAME").replace('-', "_"));
+    fn register_build_info(&self, service: &ServiceInfo) -> Result<(), MetricsError> {
+        let name = format!("{}_build_info", service.name.replace('-', "_"));
         let gauge = IntGaugeVec::new(
             Opts::new(
                 name,
@@ -239,11 +237,7 @@ impl Metrics {
             &["version", "revision", "rustc"],
         )?;
         gauge
-            .get_metric_with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                env!("BUILD_REVISION"),
-                env!("BUILD_RUSTC_VERSION"),
-            ])?
+            .get_metric_with_label_values(&[service.version, service.revision, service.rustc])?
             .set(1);
         self.registry.register(Box::new(gauge))
     }
@@ -376,6 +370,16 @@ impl RpcMetrics {
     pub fn sent(&self, messages: u64) {
         self.sent.inc_by(messages);
     }
+}
+
+/// How many connections a database pool holds, and how many it may hold: the store reports it, the
+/// metrics render it at each scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Open connections, idle or in use.
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
 }
 
 /// What the store records: the duration of each operation and the wait for a pool connection.

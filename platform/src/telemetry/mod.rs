@@ -24,7 +24,10 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-use platform::config::{LogFormat, TelemetrySettings};
+use crate::{
+    ServiceInfo,
+    config::{LogFormat, TelemetrySettings},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -70,10 +73,13 @@ impl Telemetry {
 
 /// Installs the global subscriber, and the span exporter when configured; call once, first thing in
 /// `main`, inside the Tokio runtime.
-pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
+pub fn init(
+    settings: &TelemetrySettings,
+    service: &ServiceInfo,
+) -> Result<Telemetry, TelemetryError> {
     use tracing_subscriber::util::SubscriberInitExt;
 
-    let tracer_provider = otel::tracer_provider(settings);
+    let tracer_provider = otel::tracer_provider(settings, service);
     let log_filter = EnvFilter::builder().parse(settings.log_level.as_str())?;
     // Lines go through a bounded queue to a writer thread, which writes them to stdout in batches: a
     // call never waits for the log pipe (a slow reader of it drops lines, counted in
@@ -100,7 +106,7 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         // itself).
         layers.push(
             tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+                .with_tracer(provider.tracer(service.name))
                 .with_location(false)
                 .with_threads(false)
                 .with_tracked_inactivity(false)
@@ -291,8 +297,9 @@ fn log_panics() {
 }
 
 /// Log capture for unit tests.
-#[cfg(test)]
-pub(crate) mod test_support {
+/// Helpers for the tests of the platform and of the services built on it.
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support {
     use std::sync::{Arc, Mutex, PoisonError};
 
     /// Runs `f` with a JSON subscriber on this thread and returns the lines it logged, at every

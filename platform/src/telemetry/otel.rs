@@ -32,7 +32,7 @@ use opentelemetry_sdk::{
 };
 
 use super::{CallIds, metrics::DROPPED_SPANS};
-use platform::config::TelemetrySettings;
+use crate::{ServiceInfo, config::TelemetrySettings};
 
 /// The OTLP endpoint to export to, if any: `telemetry.otlp_endpoint`, else the standard variables.
 fn endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {
@@ -51,7 +51,10 @@ fn endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {
 
 /// Builds the tracer provider when an endpoint is configured, and installs the W3C trace-context and
 /// baggage propagator. Must run inside the Tokio runtime, on which the exporter's channel runs.
-pub fn tracer_provider(settings: &TelemetrySettings) -> Option<SdkTracerProvider> {
+pub fn tracer_provider(
+    settings: &TelemetrySettings,
+    service: &ServiceInfo,
+) -> Option<SdkTracerProvider> {
     let endpoint = endpoint(settings)?;
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     if let Some(endpoint) = endpoint {
@@ -91,7 +94,7 @@ pub fn tracer_provider(settings: &TelemetrySettings) -> Option<SdkTracerProvider
             pending,
             capacity: queue_size,
         })
-        .with_resource(resource())
+        .with_resource(resource(service))
         // Calls are sampled by `sample_call` before their span exists; a span that exists is
         // recorded.
         .with_sampler(Sampler::AlwaysOn);
@@ -118,10 +121,10 @@ pub fn tracer_provider(settings: &TelemetrySettings) -> Option<SdkTracerProvider
 /// Who is sending spans: the package and version, this process, and its pod when Kubernetes says so
 /// (`POD_NAME`/`POD_NAMESPACE` from the downward API). `OTEL_RESOURCE_ATTRIBUTES` and
 /// `OTEL_SERVICE_NAME` override any of it.
-fn resource() -> Resource {
+fn resource(service: &ServiceInfo) -> Resource {
     let mut attributes = vec![
-        KeyValue::new("service.name", env!("CARGO_PKG_NAME")),
-        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.name", service.name),
+        KeyValue::new("service.version", service.version),
         KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
     ];
     for (variable, key) in [
