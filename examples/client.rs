@@ -6,11 +6,8 @@
 //! while this runs in a loop (`-- --repeat 1000`): the calls move to the other without failing.
 
 use anyhow::Context;
-use app::{
-    api,
-    client::{CallOptions, Client},
-    config::Settings,
-};
+use app::{api, client::OrderCalls, config::Settings};
+use platform::client::{CallOptions, Client};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

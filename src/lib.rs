@@ -8,12 +8,10 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod health;
-pub mod healthcheck;
 pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
-pub mod tls;
 
 /// This service's name, version and build, as the platform reports them (metrics, traces).
 pub const SERVICE: platform::ServiceInfo = platform::service_info!();

@@ -4,10 +4,10 @@ use anyhow::Context;
 use app::{
     cli::{Cli, Command},
     config::Settings,
-    healthcheck, server, store,
+    server, store,
 };
 use clap::Parser;
-use platform::telemetry;
+use platform::{healthcheck, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -45,7 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 service: args.service,
                 timeout: args.timeout,
             };
-            healthcheck::check(&settings, &probe).await?;
+            healthcheck::check(&settings.platform, &probe).await?;
             println!("SERVING");
         }
         Command::PrintConfig => print!("{}", settings.to_redacted_toml()?),

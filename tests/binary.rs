@@ -1216,7 +1216,8 @@ mod drain {
             atomic::{AtomicBool, Ordering},
         };
 
-        use app::client::{CallOptions, Client};
+        use app::client::OrderCalls;
+        use platform::client::{CallOptions, Client};
 
         let Some((url, _conn, _database)) = database().await else {
             return;

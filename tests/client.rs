@@ -6,12 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use app::{
-    api,
-    client::{CallOptions, Client},
-};
+use app::{api, client::OrderCalls};
 use common::{TcpServer, order_to};
-use platform::config::ClientSettings;
+use platform::{
+    client::{CallOptions, Client},
+    config::ClientSettings,
+};
 use tonic::Code;
 
 fn create_request() -> api::CreateOrderRequest {

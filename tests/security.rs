@@ -19,13 +19,12 @@ use app::{
     config::Settings,
     domain::{Order, OrderDetails, OrderId, OrderUpdate, RequestId},
     store::{OrderStore, OrderStream, Page, PageCursor},
-    tls::Reload,
 };
 use common::{
     Backend, TcpServer, TestApp, eventually, logs, order_to, probe, reason, search_and_take_one,
 };
 use futures::StreamExt;
-use platform::config::AuthMode;
+use platform::{config::AuthMode, tls::Reload};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, SanType,
@@ -400,7 +399,7 @@ async fn bad_tls_settings_stop_start_up_naming_the_key_and_path() {
     let mut settings = common::test_settings();
     files.configure(&mut settings, false);
     settings.platform.tls.key_file = Some(files.path("missing.pem"));
-    let err = app::tls::ServerTls::load(&settings.platform.tls)
+    let err = platform::tls::ServerTls::load(&settings.platform.tls)
         .err()
         .expect("missing key file");
     let message = err.to_string();

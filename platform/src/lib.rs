@@ -1,10 +1,13 @@
 //! The production machinery of a tonic gRPC service, naming no service: a service crate registers its
 //! gRPC services, their policy and its readiness checks, and this crate runs them.
 
+pub mod client;
 pub mod config;
+pub mod healthcheck;
 pub mod methods;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 /// What the running service is: its Cargo package's name and version, and the commit and compiler
 /// it was built from. [`service_info!`] fills it in from the service's own crate; the platform

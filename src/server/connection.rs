@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use super::{body::GuardedBody, non_zero};
-use crate::tls::{ClientIdentity, ServerTls};
+use platform::tls::{ClientIdentity, ServerTls};
 
 /// The 24 bytes every HTTP/2 connection starts with.
 const PREFACE_LEN: usize = 24;

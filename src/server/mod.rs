@@ -24,6 +24,7 @@ use futures::{Stream, StreamExt};
 use platform::{
     config::{AuthMode, ShutdownSettings},
     telemetry::metrics::{self, Metrics, MetricsError},
+    tls::{ServerTls, TlsError},
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -52,7 +53,6 @@ use crate::{
     health::{self, WatchSettings},
     service::{self, OrderApi},
     store::{self, Instrumented, OrderStore},
-    tls::{ServerTls, TlsError},
 };
 
 /// Whether a call is a health probe (`Health/Check`), which load shedding and rate limits never
@@ -307,7 +307,7 @@ impl Application {
         // However serving ends, the background tasks end with it.
         let _stop_background_on_exit = background.clone().drop_guard();
         // Certificate reloads first: SIGHUP is handled from here on, before anything reports SERVING.
-        tokio::spawn(crate::tls::watch(
+        tokio::spawn(platform::tls::watch(
             self.tls.clone(),
             self.tls_reload_interval,
             background.child_token(),

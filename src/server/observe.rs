@@ -37,12 +37,12 @@ use platform::telemetry::{
     metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
     otel::{self, CallSampling},
 };
+use platform::tls::ClientIdentity;
 
 use super::connection::Peer;
 use crate::{
     api::{self, Method, MethodKind},
     auth::Subject,
-    tls::ClientIdentity,
 };
 
 /// What the layer knows of each path, built once from the served methods.

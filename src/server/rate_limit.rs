@@ -25,7 +25,9 @@ use tower::{Layer, Service};
 use super::{connection::Peer, is_health_check};
 use platform::config::RateLimitSettings;
 
-use crate::{auth::Subject, status, tls::ClientIdentity};
+use platform::tls::ClientIdentity;
+
+use crate::{auth::Subject, status};
 
 const PRUNE_EVERY: u64 = 1024;
 

@@ -351,7 +351,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for RawHttp2 {
 /// HTTP/2 connection behaviour, raw bytes. It serves an in-memory SQLite database.
 pub struct TcpServer {
     pub addr: std::net::SocketAddr,
-    pub tls: Option<Arc<app::tls::ServerTls>>,
+    pub tls: Option<Arc<platform::tls::ServerTls>>,
     pub store: Arc<dyn OrderStore>,
     stop: CancellationToken,
     server: Option<JoinHandle<Result<(), ServerError>>>,

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 
-use platform::config::TlsSettings;
+use crate::config::TlsSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

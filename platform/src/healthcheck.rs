@@ -15,7 +15,7 @@ use tonic_health::pb::{
 
 use crate::{
     client::{self, ClientError},
-    config::Settings,
+    config::PlatformSettings,
 };
 
 /// What to ask, and of whom.
@@ -65,11 +65,11 @@ pub enum HealthcheckError {
 }
 
 /// Succeeds when the server reports SERVING for `probe.service`; the status otherwise.
-pub async fn check(settings: &Settings, probe: &Probe) -> Result<(), HealthcheckError> {
+pub async fn check(settings: &PlatformSettings, probe: &Probe) -> Result<(), HealthcheckError> {
     let addr = probe
         .addr
         .clone()
-        .unwrap_or_else(|| reachable(settings.platform.server.grpc_addr).to_string());
+        .unwrap_or_else(|| reachable(settings.server.grpc_addr).to_string());
     let endpoint = endpoint(settings, &addr)?
         .connect_timeout(probe.timeout)
         .timeout(probe.timeout);
@@ -95,8 +95,8 @@ pub async fn check(settings: &Settings, probe: &Probe) -> Result<(), Healthcheck
                 {
                     HealthcheckError::Dropped {
                         addr: addr.clone(),
-                        hint: if settings.platform.tls.cert_file.is_some()
-                            && settings.platform.client.cert_file.is_none()
+                        hint: if settings.tls.cert_file.is_some()
+                            && settings.client.cert_file.is_none()
                         {
                             " (if it requires a client certificate: set client.cert_file and \
                          client.key_file)"
@@ -130,8 +130,8 @@ pub async fn check(settings: &Settings, probe: &Probe) -> Result<(), Healthcheck
 
 /// Plaintext, or TLS when the server has a certificate: verified against `client.ca_file`, with
 /// `client.cert_file` presented when set (mutual TLS).
-fn endpoint(settings: &Settings, addr: &str) -> Result<Endpoint, HealthcheckError> {
-    let tls = settings.platform.tls.cert_file.is_some();
+fn endpoint(settings: &PlatformSettings, addr: &str) -> Result<Endpoint, HealthcheckError> {
+    let tls = settings.tls.cert_file.is_some();
     let scheme = if tls { "https" } else { "http" };
     let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|source| {
         HealthcheckError::Address {
@@ -142,7 +142,7 @@ fn endpoint(settings: &Settings, addr: &str) -> Result<Endpoint, HealthcheckErro
     if !tls {
         return Ok(endpoint);
     }
-    let config = client::tls_config(&settings.platform.client)?.ok_or(HealthcheckError::NoCa)?;
+    let config = client::tls_config(&settings.client)?.ok_or(HealthcheckError::NoCa)?;
     endpoint.tls_config(config).map_err(HealthcheckError::Tls)
 }
 
