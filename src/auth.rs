@@ -22,15 +22,15 @@ use std::{
 use futures::future::{Either, Ready, ready};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use pin_project_lite::pin_project;
-use platform::config::{AuthMode, AuthSettings};
+use platform::{
+    config::{AuthMode, AuthSettings},
+    status::{self, Reason},
+};
 use serde::Deserialize;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use crate::{
-    api::Method,
-    status::{self, Reason},
-};
+use crate::api::Method;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -148,12 +148,12 @@ impl AuthPolicy {
         match access {
             Some(Access::Scope(scope)) if !claims.has_scope(scope) => Err(status::error(
                 Code::PermissionDenied,
-                Reason::PermissionDenied,
+                Reason::PERMISSION_DENIED,
                 format!("this method needs the {scope:?} scope"),
             )),
             Some(Access::Undeclared) => Err(status::error(
                 Code::PermissionDenied,
-                Reason::PermissionDenied,
+                Reason::PERMISSION_DENIED,
                 "no scope grants this method",
             )),
             // A path missing from the table is one the server does not serve: the router answers.
@@ -169,7 +169,7 @@ fn unauthenticated(reason: Reason, message: &str) -> Status {
 fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Err(unauthenticated(
-            Reason::UnauthenticatedTokenMissing,
+            Reason::UNAUTHENTICATED_TOKEN_MISSING,
             "this method needs `authorization: Bearer <token>` metadata",
         ));
     };
@@ -182,7 +182,7 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
         .filter(|token| !token.is_empty())
         .ok_or_else(|| {
             unauthenticated(
-                Reason::UnauthenticatedTokenMalformed,
+                Reason::UNAUTHENTICATED_TOKEN_MALFORMED,
                 "the authorization metadata is not `Bearer <token>`",
             )
         })
@@ -312,7 +312,7 @@ impl JwtVerifier {
             let leeway = self.validation.leeway;
             if now > claims.exp.saturating_add(leeway) {
                 return Err(unauthenticated(
-                    Reason::UnauthenticatedTokenExpired,
+                    Reason::UNAUTHENTICATED_TOKEN_EXPIRED,
                     "the bearer token has expired",
                 ));
             }
@@ -321,7 +321,7 @@ impl JwtVerifier {
                 .is_some_and(|nbf| now.saturating_add(leeway) < nbf)
             {
                 return Err(unauthenticated(
-                    Reason::UnauthenticatedTokenNotYetValid,
+                    Reason::UNAUTHENTICATED_TOKEN_NOT_YET_VALID,
                     "the bearer token is not valid yet (nbf)",
                 ));
             }
@@ -338,34 +338,34 @@ impl JwtVerifier {
             .map_err(|err| {
                 let (reason, message) = match err.kind() {
                     ErrorKind::ExpiredSignature => (
-                        Reason::UnauthenticatedTokenExpired,
+                        Reason::UNAUTHENTICATED_TOKEN_EXPIRED,
                         "the bearer token has expired",
                     ),
                     ErrorKind::ImmatureSignature => (
-                        Reason::UnauthenticatedTokenNotYetValid,
+                        Reason::UNAUTHENTICATED_TOKEN_NOT_YET_VALID,
                         "the bearer token is not valid yet (nbf)",
                     ),
                     ErrorKind::InvalidToken
                     | ErrorKind::Base64(_)
                     | ErrorKind::Json(_)
                     | ErrorKind::Utf8(_) => (
-                        Reason::UnauthenticatedTokenMalformed,
+                        Reason::UNAUTHENTICATED_TOKEN_MALFORMED,
                         "the bearer token is not a well-formed JWT",
                     ),
                     ErrorKind::InvalidIssuer => (
-                        Reason::UnauthenticatedTokenInvalid,
+                        Reason::UNAUTHENTICATED_TOKEN_INVALID,
                         "the bearer token's issuer is not accepted",
                     ),
                     ErrorKind::InvalidAudience => (
-                        Reason::UnauthenticatedTokenInvalid,
+                        Reason::UNAUTHENTICATED_TOKEN_INVALID,
                         "the bearer token is not meant for this service (aud)",
                     ),
                     ErrorKind::MissingRequiredClaim(_) => (
-                        Reason::UnauthenticatedTokenInvalid,
+                        Reason::UNAUTHENTICATED_TOKEN_INVALID,
                         "the bearer token lacks a required claim (exp, iss, aud)",
                     ),
                     _ => (
-                        Reason::UnauthenticatedTokenInvalid,
+                        Reason::UNAUTHENTICATED_TOKEN_INVALID,
                         "the bearer token's signature or algorithm is not accepted",
                     ),
                 };
@@ -575,7 +575,7 @@ mod tests {
             .verify_at(&token, now + 60 + 31)
             .expect_err("expired while cached");
         assert_eq!(
-            crate::status::error_reason(&status),
+            platform::status::error_reason(&status),
             "UNAUTHENTICATED_TOKEN_EXPIRED"
         );
         // A different token is never answered from the cache: one changed signature character

@@ -281,7 +281,7 @@ fn the_docs_list_every_error_reason() {
     let docs = ["docs/security.md", "README.md"]
         .map(|file| std::fs::read_to_string(root.join(file)).expect(file))
         .concat();
-    for reason in app::status::Reason::NAMED {
+    for reason in app::status::named_reasons() {
         let name = format!("`{}`", reason.as_str());
         assert!(docs.contains(&name), "the docs do not list {name}");
     }

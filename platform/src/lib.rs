@@ -6,6 +6,7 @@ pub mod config;
 pub mod healthcheck;
 pub mod methods;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 

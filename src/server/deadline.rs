@@ -17,7 +17,10 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use platform::config::TimeoutSettings;
+use platform::{
+    config::TimeoutSettings,
+    status::{self, Reason},
+};
 use tokio::{
     sync::oneshot,
     time::{Instant, Sleep},
@@ -29,10 +32,7 @@ use super::{
     body::{ends_call, status_trailers},
     non_zero,
 };
-use crate::{
-    api::{Method, MethodKind},
-    status::{self, Reason},
-};
+use crate::api::{Method, MethodKind};
 
 /// When the current call must be finished. Handlers read it from the request's extensions to see how
 /// much time they have left.
@@ -188,7 +188,7 @@ where
 fn deadline_exceeded() -> Status {
     status::error(
         Code::DeadlineExceeded,
-        Reason::DeadlineExceeded,
+        Reason::DEADLINE_EXCEEDED,
         "deadline exceeded",
     )
 }

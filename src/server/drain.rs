@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
-use crate::status::{self, Reason};
+use platform::status::{self, Reason};
 
 /// Shared by every call: whether the cut has happened, and how many calls it ended.
 #[derive(Debug, Default)]
@@ -89,7 +89,7 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 fn shutting_down() -> Status {
     status::error(
         Code::Unavailable,
-        Reason::ShuttingDown,
+        Reason::SHUTTING_DOWN,
         "the server is shutting down; retry on another instance",
     )
 }

@@ -23,7 +23,7 @@ use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use crate::status::{self, Reason};
+use platform::status::{self, Reason};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ErrorDetailsLayer;
@@ -149,34 +149,34 @@ fn completed(status: &Status) -> Option<Status> {
     let message = status.message();
     Some(match status.code() {
         Code::OutOfRange if TOO_LARGE.iter().any(|prefix| message.starts_with(prefix)) => {
-            status::error(Code::ResourceExhausted, Reason::MessageTooLarge, message)
+            status::error(Code::ResourceExhausted, Reason::MESSAGE_TOO_LARGE, message)
         }
         Code::Internal if message.starts_with("failed to decode Protobuf message") => {
-            status::error(Code::InvalidArgument, Reason::MalformedMessage, message)
+            status::error(Code::InvalidArgument, Reason::MALFORMED_MESSAGE, message)
         }
         _ if !status.details().is_empty() => return None,
         Code::Unimplemented => status::error(
             Code::Unimplemented,
-            Reason::MethodNotFound,
+            Reason::METHOD_NOT_FOUND,
             "this server has no such method",
         ),
         code @ (Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss) => {
             tracing::warn!(code = ?code, message, "a library answered an error without details");
             let reason = if code == Code::Internal {
-                Reason::Internal
+                Reason::INTERNAL
             } else {
-                Reason::Unclassified(code)
+                Reason::unclassified(code)
             };
             status::error(code, reason, "internal error")
         }
-        code => status::error(code, Reason::Unclassified(code), message),
+        code => status::error(code, Reason::unclassified(code), message),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::error_reason;
+    use platform::status::error_reason;
 
     fn rewritten(status: Status) -> Status {
         let mut headers = HeaderMap::new();
@@ -218,7 +218,11 @@ mod tests {
         assert_eq!(status.message(), "internal error");
         assert_eq!(error_reason(&status), "INTERNAL");
 
-        let own = status::error(Code::Unavailable, Reason::DatabaseUnavailable, "retry");
+        let own = status::error(
+            Code::Unavailable,
+            crate::status::DATABASE_UNAVAILABLE,
+            "retry",
+        );
         assert_eq!(error_reason(&rewritten(own)), "DATABASE_UNAVAILABLE");
 
         let mut ok = HeaderMap::new();

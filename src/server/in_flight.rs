@@ -20,7 +20,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::{body::GuardedBody, is_health_check};
-use crate::status::{self, Reason};
+use platform::status::{self, Reason};
 
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {
@@ -84,7 +84,7 @@ where
                 Err(_) => {
                     let refusal = status::error(
                         Code::ResourceExhausted,
-                        Reason::Overloaded,
+                        Reason::OVERLOADED,
                         "the server is at its limit of calls in progress; retry later",
                     );
                     return Either::Right(ready(Ok(refusal.into_http())));

@@ -167,6 +167,7 @@ impl Application {
         // `Settings::load` checks this too; settings built in code must not skip it (a certificate
         // without its key would otherwise leave TLS silently off).
         settings.check().map_err(ServerError::Config)?;
+        platform::status::set_error_domain(crate::status::ERROR_DOMAIN);
         let instruments = metrics::store_instruments(metrics.as_deref());
         let store: Arc<dyn OrderStore> = Arc::new(Instrumented::new(store, &instruments)?);
         if let Some(metrics) = &metrics {

@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
-use crate::status;
+use platform::status;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PanicGuardLayer;

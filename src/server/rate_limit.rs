@@ -27,7 +27,9 @@ use platform::config::RateLimitSettings;
 
 use platform::tls::ClientIdentity;
 
-use crate::{auth::Subject, status};
+use platform::status;
+
+use crate::auth::Subject;
 
 const PRUNE_EVERY: u64 = 1024;
 

@@ -83,7 +83,7 @@ fn guarded<T: Send + 'static>(
 ) -> ResponseStream<T> {
     std::panic::AssertUnwindSafe(stream)
         .catch_unwind()
-        .map(|item| item.unwrap_or_else(|_panic| Err(crate::status::panicked())))
+        .map(|item| item.unwrap_or_else(|_panic| Err(platform::status::panicked())))
         .boxed()
 }
 
