@@ -993,7 +993,7 @@ mod tests {
     fn requests_are_encoded_through_the_descriptors() {
         let pool = descriptor_pool().expect("descriptors");
         // The service's name as built (a generated service has its own package).
-        let method = |name: &str| format!("{}/{name}", app::health::ORDER_SERVICE_NAME);
+        let method = |name: &str| format!("{}/{name}", app::api::ORDER_SERVICE_NAME);
         let call = CallPlan::new(
             &pool,
             &method("GetOrder"),
@@ -1009,7 +1009,7 @@ mod tests {
         // A client stream takes an array, one message per element.
         let update = CallPlan::new(
             &pool,
-            &format!("{}.UpdateOrders", app::health::ORDER_SERVICE_NAME),
+            &format!("{}.UpdateOrders", app::api::ORDER_SERVICE_NAME),
             r#"[{"order":{"id":"a"}},{"order":{"id":"b"}}]"#,
         )
         .expect("plan");

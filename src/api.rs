@@ -12,6 +12,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("api_
 
 pub use platform::methods::{Method, MethodKind};
 
+/// The API's full service name, as health checks and configuration name it.
+pub const ORDER_SERVICE_NAME: &str = order_service_server::SERVICE_NAME;
+
 /// Every method of every service the server can serve: the API, health and both reflection versions.
 /// Configuration naming methods (timeouts, public methods) is checked against this at start-up.
 pub fn served_methods() -> Vec<Method> {
@@ -42,7 +45,7 @@ mod tests {
                 .find(|method| method.full_name() == full)
                 .map(|method| method.kind)
         };
-        let service = crate::health::ORDER_SERVICE_NAME;
+        let service = ORDER_SERVICE_NAME;
         assert_eq!(
             kind(&format!("{service}/GetOrder")),
             Some(MethodKind::Unary)

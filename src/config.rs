@@ -26,7 +26,7 @@ pub struct OrderSections {
 
 impl ServiceSections for OrderSections {
     fn platform_defaults(platform: &mut PlatformSettings) {
-        let service = crate::api::order_service_server::SERVICE_NAME;
+        let service = crate::api::ORDER_SERVICE_NAME;
         let timeouts = &mut platform.server.timeouts;
         timeouts
             .services

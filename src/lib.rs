@@ -1,13 +1,11 @@
 //! The order service as a library: everything `main` wires together, and what the tests drive.
 
 pub mod api;
-pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod health;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -26,7 +26,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or_default() {
         Command::Serve => {
             let telemetry = telemetry::init(&settings.platform.telemetry, &app::SERVICE)?;
-            let served = server::run(&settings).await;
+            let served = match server::build(&settings).await {
+                Ok(server) => server.run().await,
+                Err(err) => Err(err),
+            };
             // Whether serving ended well or not, the spans of its last calls go out.
             telemetry.shutdown().await;
             served?;

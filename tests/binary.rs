@@ -7,10 +7,10 @@ use std::{
     process::Stdio,
 };
 
+use app::api::ORDER_SERVICE_NAME;
 use app::api::{
     self, CreateOrderRequest, GetOrderRequest, order_service_client::OrderServiceClient,
 };
-use app::health::ORDER_SERVICE_NAME;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -916,8 +916,8 @@ mod drain {
     use std::time::Duration;
 
     use app::{
+        api::ORDER_SERVICE_NAME,
         api::{self, ProcessOrdersRequest, order_service_client::OrderServiceClient},
-        health::ORDER_SERVICE_NAME,
     };
     use sqlx::{Connection, PgConnection};
     use tokio::sync::mpsc;

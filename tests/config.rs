@@ -212,7 +212,7 @@ fn printed_configuration_redacts_the_database_password() {
 
 #[test]
 fn a_timeout_added_in_a_file_joins_the_built_in_ones() {
-    let service = app::health::ORDER_SERVICE_NAME;
+    let service = app::api::ORDER_SERVICE_NAME;
     Jail::expect_with(|jail| {
         jail.create_dir("config")?;
         jail.create_file(

@@ -7,8 +7,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use app::{
+    api::ORDER_SERVICE_NAME,
     api::{self, ProcessOrdersRequest, SearchOrdersRequest, UpdateOrdersRequest},
-    health::ORDER_SERVICE_NAME,
 };
 use common::{Backend, TestApp, order_to};
 use futures::stream;

@@ -3,8 +3,8 @@
 mod common;
 
 use app::{
+    api::ORDER_SERVICE_NAME,
     api::{self, UpdateOrdersRequest},
-    health::ORDER_SERVICE_NAME,
 };
 use common::{Backend, TestApp, order_to};
 use tokio::sync::mpsc;
@@ -144,9 +144,8 @@ mod database_outages {
     use std::{net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
     use app::{
+        api::ORDER_SERVICE_NAME,
         config::DatabaseUrl,
-        health::ORDER_SERVICE_NAME,
-        server::Application,
         store::{self, OrderStore, PostgresStore},
     };
     use tokio::{
@@ -172,7 +171,7 @@ mod database_outages {
         let store = store::connect(&settings.database, &Default::default()).expect("lazy store");
         assert!(store.check_ready().await.is_err());
 
-        let application = Application::with_store(Arc::clone(&store), &settings)
+        let application = app::server::with_store(Arc::clone(&store), &settings)
             .await
             .expect("builds without a database");
         let app = TestApp::serve_application(application, store).await;
@@ -219,7 +218,7 @@ mod database_outages {
             &Default::default(),
         ));
         store.migrate().await.expect("migrate through the link");
-        let application = Application::with_store(Arc::clone(&store), &settings)
+        let application = app::server::with_store(Arc::clone(&store), &settings)
             .await
             .expect("application builds");
         logs::capture();
@@ -295,7 +294,7 @@ mod database_outages {
             &Default::default(),
         ));
         store.migrate().await.expect("migrate through the link");
-        let application = Application::with_store(Arc::clone(&store), &settings)
+        let application = app::server::with_store(Arc::clone(&store), &settings)
             .await
             .expect("application builds");
         let app = TestApp::serve_application(application, store).await;

@@ -1170,7 +1170,7 @@ async fn the_clients_deadline_ends_the_call_and_drops_its_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_own_deadline_applies_method_over_service_over_default() {
-    let service = app::health::ORDER_SERVICE_NAME;
+    let service = app::api::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
         // The service's limit is long; the method's own is short and wins.
         s.platform
@@ -1208,7 +1208,7 @@ async fn the_servers_own_deadline_applies_method_over_service_over_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
-    let service = app::health::ORDER_SERVICE_NAME;
+    let service = app::api::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
         s.platform.server.timeouts.methods.insert(
             format!("{service}/SearchOrders"),
@@ -1227,7 +1227,7 @@ async fn a_server_stream_is_cut_mid_way_with_deadline_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_client_stops_reading_is_still_dropped_at_its_deadline() {
-    let service = app::health::ORDER_SERVICE_NAME;
+    let service = app::api::ORDER_SERVICE_NAME;
     let (app, faults) = faulty_app(Backend::Sqlite, |s| {
         s.platform.server.timeouts.methods.insert(
             format!("{service}/SearchOrders"),
@@ -1292,7 +1292,7 @@ async fn an_unfinished_client_stream_applies_nothing_when_its_deadline_passes() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bidi_stream_is_cut_when_its_deadline_passes() {
-    let service = app::health::ORDER_SERVICE_NAME;
+    let service = app::api::ORDER_SERVICE_NAME;
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
         s.platform.server.timeouts.methods.insert(
             format!("{service}/ProcessOrders"),
@@ -1492,7 +1492,7 @@ async fn hostile_requests_get_their_codes_and_the_server_keeps_serving() {
         .connect(server.plaintext_endpoint())
         .await
         .expect("connect");
-    let get_order = format!("/{}/GetOrder", app::health::ORDER_SERVICE_NAME);
+    let get_order = format!("/{}/GetOrder", app::api::ORDER_SERVICE_NAME);
 
     // Field 1 (id), a string, holding bytes that are not UTF-8.
     let status = raw_call(channel.clone(), &get_order, vec![0x0a, 0x02, 0xff, 0xfe])
@@ -1514,7 +1514,7 @@ async fn hostile_requests_get_their_codes_and_the_server_keeps_serving() {
     assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
 
     for unknown in [
-        format!("/{}/NoSuchMethod", app::health::ORDER_SERVICE_NAME),
+        format!("/{}/NoSuchMethod", app::api::ORDER_SERVICE_NAME),
         "/no.such.v1.Service/Call".to_owned(),
     ] {
         let status = raw_call(channel.clone(), &unknown, Vec::new())

@@ -31,7 +31,6 @@ use std::{
     time::Duration,
 };
 
-use crate::config::ClientSettings;
 use tokio::time::Instant;
 use tonic::{
     Code, Request, Status,
@@ -39,6 +38,8 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use tonic_types::StatusExt;
+
+use crate::config::ClientSettings;
 
 /// How long an address whose connection failed is left out of the rotation.
 const EJECT_FOR: Duration = Duration::from_secs(5);

@@ -1,10 +1,13 @@
 //! The production machinery of a tonic gRPC service, naming no service: a service crate registers its
 //! gRPC services, their policy and its readiness checks, and this crate runs them.
 
+pub mod auth;
 pub mod client;
 pub mod config;
+pub mod health;
 pub mod healthcheck;
 pub mod methods;
+pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
@@ -33,5 +36,31 @@ macro_rules! service_info {
             revision: env!("BUILD_REVISION"),
             rustc: env!("BUILD_RUSTC_VERSION"),
         }
+    };
+}
+
+/// The platform's test services (`proto/platform/testing/v1`), for its tests and for tests of
+/// servers built on it.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
+    include!(concat!(env!("OUT_DIR"), "/platform.testing.v1.rs"));
+
+    /// Encoded descriptors of the test services, as a service registers its own.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("testing_descriptor");
+
+    /// Every method a test server serves: the test services' and the platform's own.
+    pub fn served_methods() -> Vec<crate::methods::Method> {
+        let mut sets = vec![FILE_DESCRIPTOR_SET];
+        sets.extend(crate::methods::PLATFORM_DESCRIPTOR_SETS);
+        crate::methods::methods_in(&sets)
+    }
+
+    /// The service the tests run as.
+    pub const SERVICE: crate::ServiceInfo = crate::ServiceInfo {
+        name: "platform-testing",
+        version: "0.0.0",
+        revision: "test",
+        rustc: "test",
     };
 }

@@ -20,7 +20,6 @@ use crate::{
     config::ServiceSettings,
     domain::{Batch, OrderId, OrderStatus, Shipment, ShipmentBatches, Violations},
     error::Error,
-    health::ORDER_SERVICE_NAME,
     store::OrderStore,
 };
 
@@ -37,14 +36,6 @@ pub const METHOD_SCOPES: [(&str, &str); 6] = [
 ];
 const READ: &str = "orders.read";
 const WRITE: &str = "orders.write";
-
-/// [`METHOD_SCOPES`] by full method name (`package.Service/Method`).
-pub fn method_scopes() -> Vec<(String, &'static str)> {
-    METHOD_SCOPES
-        .iter()
-        .map(|(method, scope)| (format!("{ORDER_SERVICE_NAME}/{method}"), *scope))
-        .collect()
-}
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -265,10 +256,13 @@ mod tests {
     fn every_method_of_the_service_needs_a_scope() {
         let served: Vec<String> = crate::api::served_methods()
             .into_iter()
-            .filter(|method| method.service == ORDER_SERVICE_NAME)
-            .map(|method| method.full_name())
+            .filter(|method| method.service == crate::api::ORDER_SERVICE_NAME)
+            .map(|method| method.name)
             .collect();
-        let mut scoped: Vec<String> = method_scopes().into_iter().map(|(name, _)| name).collect();
+        let mut scoped: Vec<String> = METHOD_SCOPES
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
         let mut served_sorted = served.clone();
         served_sorted.sort();
         scoped.sort();

@@ -1,4 +1,4 @@
-//! The in-memory test harness: the same `Application` that `main` serves, over `tokio::io::duplex`
+//! The in-memory test harness: the same `Server` that `main` serves, over `tokio::io::duplex`
 //! pipes instead of TCP (the Rust counterpart of Go's bufconn). Interceptors, serialisation, metadata
 //! and HTTP/2 flow control are all real; only the socket is missing.
 //!
@@ -10,14 +10,16 @@
 use std::{str::FromStr, sync::Arc, time::Duration};
 
 use app::{
+    api::ORDER_SERVICE_NAME,
     api::{self, order_service_client::OrderServiceClient},
     config::{DatabaseUrl, Settings},
-    health::ORDER_SERVICE_NAME,
-    server::{Application, ServerError},
     store::{OrderStore, SqliteStore},
 };
 use hyper_util::rt::TokioIo;
-use platform::telemetry::metrics::{Metrics, StoreInstruments};
+use platform::{
+    server::{Server, ServerError},
+    telemetry::metrics::{Metrics, StoreInstruments},
+};
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -136,27 +138,28 @@ impl TestApp {
     ) -> Option<Self> {
         let mut settings = test_settings();
         configure(&mut settings);
-        // As `Application::build` does: the store records its connection waits into the metrics.
-        let metrics = Application::metrics_for(&settings).expect("metrics registry");
+        // As `Server::build` does: the store records its connection waits into the metrics.
+        let metrics =
+            Server::metrics_for(&settings.platform, &app::SERVICE).expect("metrics registry");
         let instruments = platform::telemetry::metrics::store_instruments(metrics.as_deref());
         let (store, database) = TestDatabase::create(backend, &settings, &instruments).await?;
         if migrate_first {
             store.migrate().await.expect("migrations apply");
         }
         let store = wrap(store);
-        let application = Application::new(Arc::clone(&store), &settings, metrics)
+        let application = app::server::new(Arc::clone(&store), &settings, metrics)
             .await
             .expect("application builds");
         Some(Self::serve(application, store, database).await)
     }
 
     /// Serves an application built by the test itself, on a store with nothing to clean up.
-    pub async fn serve_application(application: Application, store: Arc<dyn OrderStore>) -> Self {
+    pub async fn serve_application(application: Server, store: Arc<dyn OrderStore>) -> Self {
         Self::serve(application, store, TestDatabase::Ephemeral).await
     }
 
     async fn serve(
-        application: Application,
+        application: Server,
         store: Arc<dyn OrderStore>,
         database: TestDatabase,
     ) -> Self {
@@ -373,7 +376,7 @@ impl TcpServer {
             .expect("SQLite needs no configuration");
         store.migrate().await.expect("migrations apply");
         let store = wrap(store);
-        let application = Application::with_store(Arc::clone(&store), &settings)
+        let application = app::server::with_store(Arc::clone(&store), &settings)
             .await
             .expect("application builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -383,7 +386,7 @@ impl TcpServer {
         let tls = application.tls();
         let stop = CancellationToken::new();
         let server = tokio::spawn(application.serve_with_incoming(
-            app::server::incoming(listener),
+            platform::server::incoming(listener),
             stop.clone().cancelled_owned(),
         ));
         Self {

@@ -6,6 +6,7 @@
 //! set for paths nobody serves: label values are bounded, and recording a call is a few atomic
 //! additions, with no lookup or lock.
 
+pub use prometheus::Error as MetricsError;
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
@@ -15,8 +16,6 @@ use prometheus::{
 use tonic::Code;
 
 use crate::{ServiceInfo, config::TelemetrySettings, methods::MethodKind};
-
-pub use prometheus::Error as MetricsError;
 
 /// The content type of [`Metrics::render`]'s output: the Prometheus text format, which every
 /// Prometheus version accepts (Prometheus 3 refuses a scrape without a valid one).

@@ -32,17 +32,16 @@ use tower::{Layer, Service};
 use tracing::{Level, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use platform::telemetry::{
-    self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
-    metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
-    otel::{self, CallSampling},
-};
-use platform::tls::ClientIdentity;
-
 use super::connection::Peer;
 use crate::{
-    api::{self, Method, MethodKind},
     auth::Subject,
+    methods::{Method, MethodKind},
+    telemetry::{
+        self, CALL_SPAN_TARGET, CallIds, UNSAMPLED_CALL_SPAN_TARGET,
+        metrics::{Metrics, MetricsError, RpcMetrics, go_code_name},
+        otel::{self, CallSampling},
+    },
+    tls::ClientIdentity,
 };
 
 /// What the layer knows of each path, built once from the served methods.
@@ -80,10 +79,10 @@ impl Catalogue {
     /// their messages logged at TRACE without the values of the `redacted` fields.
     pub fn new(
         methods: &[Method],
+        pool: &prost_reflect::DescriptorPool,
         metrics: Option<&Metrics>,
         redacted: &[String],
     ) -> Result<Self, MetricsError> {
-        let pool = api::descriptor_pool();
         let observed = |service: &str, method: &str, kind: MethodKind, messages| {
             Ok::<_, MetricsError>(Arc::new(Observed {
                 service: service.into(),
@@ -674,7 +673,7 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     use super::*;
-    use platform::config::TelemetrySettings;
+    use crate::config::TelemetrySettings;
 
     /// A response body made of given frames.
     struct Frames(VecDeque<Frame<Bytes>>);
@@ -726,7 +725,8 @@ mod tests {
                 output: "grpc.health.v1.HealthCheckResponse".to_owned(),
             },
         ];
-        Catalogue::new(&methods, Some(metrics), &[]).expect("catalogue")
+        let pool = crate::methods::descriptor_pool(&crate::methods::PLATFORM_DESCRIPTOR_SETS);
+        Catalogue::new(&methods, &pool, Some(metrics), &[]).expect("catalogue")
     }
 
     /// Runs one call to `path` whose response is `response`, reads its body as far as
@@ -737,9 +737,9 @@ mod tests {
         frames_to_read: usize,
     ) -> (Vec<serde_json::Value>, String) {
         let metrics =
-            Metrics::new(&TelemetrySettings::default(), &crate::SERVICE).expect("metrics");
+            Metrics::new(&TelemetrySettings::default(), &crate::testing::SERVICE).expect("metrics");
         let layer = ObserveLayer::new(catalogue(&metrics));
-        let lines = platform::telemetry::test_support::json_logs(|| {
+        let lines = crate::telemetry::test_support::json_logs(|| {
             let service = layer.layer(service_fn(
                 move |_: http::Request<CountedBody<Empty<Bytes>>>| {
                     std::future::ready(Ok::<_, Infallible>(response()))
@@ -935,17 +935,17 @@ mod tests {
     #[test]
     fn redacted_fields_lose_their_values_at_any_depth() {
         let mut json = serde_json::json!({
-            "destination": "Oslo",
-            "order": {"destination": {"street": "x"}, "items": ["a"]},
-            "orders": [{"destination": "Lima", "price_cents": 3}],
+            "email": "a@example.com",
+            "user": {"email": {"domain": "x"}, "roles": ["a"]},
+            "users": [{"email": "b@example.com", "age": 3}],
         });
-        redact(&mut json, &HashSet::from(["destination".to_owned()]));
+        redact(&mut json, &HashSet::from(["email".to_owned()]));
         assert_eq!(
             json,
             serde_json::json!({
-                "destination": "[REDACTED]",
-                "order": {"destination": "[REDACTED]", "items": ["a"]},
-                "orders": [{"destination": "[REDACTED]", "price_cents": 3}],
+                "email": "[REDACTED]",
+                "user": {"email": "[REDACTED]", "roles": ["a"]},
+                "users": [{"email": "[REDACTED]", "age": 3}],
             })
         );
     }

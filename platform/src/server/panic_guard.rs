@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
-use platform::status;
+use crate::status;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PanicGuardLayer;

@@ -7,8 +7,9 @@
 //! (RFC 7519 makes it optional, and Auth0, Google and Keycloak access tokens carry none); `aud` may be
 //! a string or an array. A missing or bad token is
 //! UNAUTHENTICATED; a good token without the scope the method needs (the standard space-separated
-//! `scope` claim, matched against [`crate::service::METHOD_SCOPES`]) is PERMISSION_DENIED. The token's
-//! subject reaches handlers as a [`Subject`] request extension. Token values are never logged.
+//! `scope` claim, matched against the scopes each service registers with its policy) is
+//! PERMISSION_DENIED. The token's subject reaches handlers as a [`Subject`] request extension. Token
+//! values are never logged.
 
 use std::{
     collections::HashMap,
@@ -22,15 +23,15 @@ use std::{
 use futures::future::{Either, Ready, ready};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use pin_project_lite::pin_project;
-use platform::{
-    config::{AuthMode, AuthSettings},
-    status::{self, Reason},
-};
 use serde::Deserialize;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use crate::api::Method;
+use crate::{
+    config::{AuthMode, AuthSettings},
+    methods::Method,
+    status::{self, Reason},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -506,19 +507,21 @@ mod tests {
             audience: "aud".to_owned(),
             ..AuthSettings::default()
         };
-        let built = AuthPolicy::new(&settings, &crate::api::served_methods(), scopes);
+        let built = AuthPolicy::new(&settings, &crate::testing::served_methods(), scopes);
         let _ = std::fs::remove_file(dir);
         built.unwrap_or_else(|err| panic!("policy: {err}"))
     }
 
     #[test]
     fn a_served_method_without_a_scope_is_closed_to_everyone() {
-        let service = crate::health::ORDER_SERVICE_NAME;
-        let mut scopes = crate::service::method_scopes();
-        scopes.retain(|(name, _)| !name.ends_with("/GetOrder"));
+        let service = "platform.testing.v1.EchoService";
+        let scopes = [
+            (format!("{service}/Say"), "echo.write"),
+            (format!("{service}/Repeat"), "echo.read"),
+        ];
         let policy = policy(&scopes);
         assert_eq!(
-            policy.access.get(&format!("/{service}/GetOrder")),
+            policy.access.get(&format!("/{service}/Collect")),
             Some(&Access::Undeclared)
         );
         assert_eq!(
@@ -526,8 +529,8 @@ mod tests {
             Some(&Access::Public)
         );
         assert_eq!(
-            policy.access.get(&format!("/{service}/CreateOrder")),
-            Some(&Access::Scope("orders.write"))
+            policy.access.get(&format!("/{service}/Say")),
+            Some(&Access::Scope("echo.write"))
         );
     }
 
@@ -575,7 +578,7 @@ mod tests {
             .verify_at(&token, now + 60 + 31)
             .expect_err("expired while cached");
         assert_eq!(
-            platform::status::error_reason(&status),
+            crate::status::error_reason(&status),
             "UNAUTHENTICATED_TOKEN_EXPIRED"
         );
         // A different token is never answered from the cache: one changed signature character
@@ -595,11 +598,11 @@ mod tests {
     fn scopes_are_space_separated() {
         let claims = Claims {
             sub: None,
-            scope: "orders.read  orders.write".to_owned(),
+            scope: "echo.read  echo.write".to_owned(),
             exp: 0,
             nbf: None,
         };
-        assert!(claims.has_scope("orders.write"));
-        assert!(!claims.has_scope("orders"));
+        assert!(claims.has_scope("echo.write"));
+        assert!(!claims.has_scope("echo"));
     }
 }

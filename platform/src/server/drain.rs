@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::body::status_trailers;
-use platform::status::{self, Reason};
+use crate::status::{self, Reason};
 
 /// Shared by every call: whether the cut has happened, and how many calls it ended.
 #[derive(Debug, Default)]

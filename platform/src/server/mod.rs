@@ -1,8 +1,10 @@
-//! The gRPC server: one `Application` (services, reflection, health and the layers every call passes
-//! through) that `serve` and the tests both run, and the lifecycle around it: connections, readiness
-//! from the database, certificate reloads, graceful shutdown.
+//! The gRPC server: one [`Server`] (the services a service crate registers, reflection, health and the
+//! layers every call passes through) that `serve` and the tests both run, and the lifecycle around
+//! it: connections, readiness from the registered dependencies, certificate reloads, graceful
+//! shutdown.
 
 mod body;
+mod builder;
 mod connection;
 mod deadline;
 mod drain;
@@ -21,38 +23,32 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use platform::{
-    config::{AuthMode, ShutdownSettings},
-    telemetry::metrics::{self, Metrics, MetricsError},
-    tls::{ServerTls, TlsError},
-};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
-use tower::ServiceBuilder;
 
-use self::{
-    connection::{ConnectionOptions, Stop},
-    deadline::{DeadlineLayer, DeadlineService, TimeoutTable},
-    drain::{Drain, DrainLayer},
-    error_details::{ErrorDetails, ErrorDetailsLayer},
-    in_flight::{InFlightLimit, InFlightLimitLayer},
-    observe::{Catalogue, Observe, ObserveLayer},
-    panic_guard::{PanicGuard, PanicGuardLayer},
-    rate_limit::{RateLimit, RateLimitLayer},
-};
 pub use self::{
+    builder::{Policy, ServerBuilder},
     connection::{Peer, Socket},
     deadline::{Deadline, parse_grpc_timeout},
 };
+use self::{
+    connection::{ConnectionOptions, Stop},
+    deadline::DeadlineService,
+    drain::{Drain, DrainLayer},
+    error_details::ErrorDetails,
+    in_flight::{InFlightLimit, InFlightLimitLayer},
+    observe::Observe,
+    panic_guard::PanicGuard,
+    rate_limit::RateLimit,
+};
 use crate::{
-    api,
-    auth::{AuthError, AuthLayer, AuthPolicy, Authenticate},
-    config::Settings,
-    health::{self, WatchSettings},
-    service::{self, OrderApi},
-    store::{self, Instrumented, OrderStore},
+    auth::{AuthError, Authenticate},
+    config::{AuthMode, PlatformSettings},
+    health::{self, Readiness, WatchSettings},
+    telemetry::metrics::{Metrics, MetricsError},
+    tls::{ServerTls, TlsError},
 };
 
 /// Whether a call is a health probe (`Health/Check`), which load shedding and rate limits never
@@ -82,9 +78,9 @@ pub type CallStack = Observe<
 /// their connections are dropped.
 const CUT_GRACE: Duration = Duration::from_secs(1);
 
-/// How long closing the database pool may take. A statement of a cut call may still be running on
-/// its connection; the pool is then left to the process's exit, which closes it.
-const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long closing a dependency may take. A statement of a cut call may still be running on a
+/// database connection; the pool is then left to the process's exit, which closes it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the metrics endpoint may take to finish its last scrapes.
 const METRICS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,8 +92,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The service's own start-up failed (its store, say).
     #[error(transparent)]
-    Store(#[from] crate::error::Error),
+    Service(Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
@@ -112,10 +109,10 @@ pub enum ServerError {
     Metrics(#[from] MetricsError),
 }
 
-/// The complete server, ready to serve on any connection source.
-pub struct Application {
-    service: CallStack,
-    store: Arc<dyn OrderStore>,
+/// The complete server, ready to serve on any connection source; made by [`Server::builder`].
+pub struct Server {
+    calls: CallStack,
+    readiness: Vec<Readiness>,
     health: HealthReporter,
     watch: WatchSettings,
     tls: Option<Arc<ServerTls>>,
@@ -124,140 +121,10 @@ pub struct Application {
     metrics: Option<Arc<Metrics>>,
     drain: DrainLayer,
     in_flight: InFlightLimitLayer,
-    shutdown: ShutdownSettings,
+    settings: PlatformSettings,
 }
 
-impl Application {
-    /// Builds the server on the store that `settings.database` selects. Connects to nothing yet.
-    pub async fn build(settings: &Settings) -> Result<Self, ServerError> {
-        let metrics = Self::metrics_for(settings)?;
-        let instruments = metrics::store_instruments(metrics.as_deref());
-        let store = store::connect(&settings.database, &instruments)?;
-        Self::new(store, settings, metrics).await
-    }
-
-    /// The metrics registry `settings` asks for: none when `server.metrics_addr` is `""`.
-    pub fn metrics_for(settings: &Settings) -> Result<Option<Arc<Metrics>>, ServerError> {
-        Ok(match settings.platform.server.metrics_addr {
-            Some(_) => Some(Arc::new(Metrics::new(
-                &settings.platform.telemetry,
-                &crate::SERVICE,
-            )?)),
-            None => None,
-        })
-    }
-
-    /// Builds the server on a given store, with the metrics `settings` asks for; the tests use it to
-    /// pick an isolated database.
-    pub async fn with_store(
-        store: Arc<dyn OrderStore>,
-        settings: &Settings,
-    ) -> Result<Self, ServerError> {
-        let metrics = Self::metrics_for(settings)?;
-        Self::new(store, settings, metrics).await
-    }
-
-    /// Builds the server on a given store and metrics registry (the one the store's connection
-    /// waits are recorded into).
-    pub async fn new(
-        store: Arc<dyn OrderStore>,
-        settings: &Settings,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Result<Self, ServerError> {
-        // `Settings::load` checks this too; settings built in code must not skip it (a certificate
-        // without its key would otherwise leave TLS silently off).
-        settings.check().map_err(ServerError::Config)?;
-        platform::status::set_error_domain(crate::status::ERROR_DOMAIN);
-        let instruments = metrics::store_instruments(metrics.as_deref());
-        let store: Arc<dyn OrderStore> = Arc::new(Instrumented::new(store, &instruments)?);
-        if let Some(metrics) = &metrics {
-            let store = Arc::clone(&store);
-            metrics.watch_pool(move || store.pool_status());
-        }
-        let limit = settings.platform.server.max_message_bytes;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        // Alive, but not ready until the database is: the watch started by `serve` flips that.
-        health::starting(&health).await;
-        let health_service = health_service
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-
-        let mut routes = Routes::builder();
-        routes.add_service(health_service).add_service(
-            OrderApi::new(Arc::clone(&store), &settings.service)
-                .into_server()
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit),
-        );
-        if settings.platform.server.reflection {
-            let builder = || {
-                tonic_reflection::server::Builder::configure()
-                    .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            };
-            routes
-                .add_service(
-                    builder()
-                        .build_v1()?
-                        .max_decoding_message_size(limit)
-                        .max_encoding_message_size(limit),
-                )
-                .add_service(
-                    builder()
-                        .build_v1alpha()?
-                        .max_decoding_message_size(limit)
-                        .max_encoding_message_size(limit),
-                );
-        }
-
-        let methods = api::served_methods();
-        let timeouts = TimeoutTable::new(&settings.platform.server.timeouts, &methods)
-            .map_err(ServerError::Config)?;
-        let auth = AuthPolicy::new(&settings.platform.auth, &methods, &service::method_scopes())?;
-        let max_in_flight =
-            usize::try_from(settings.platform.server.max_in_flight.get()).unwrap_or(usize::MAX);
-        let catalogue = Catalogue::new(
-            &methods,
-            metrics.as_deref(),
-            &settings.platform.telemetry.redact_fields,
-        )?;
-        let drain = DrainLayer::new();
-        let in_flight = InFlightLimitLayer::new(max_in_flight);
-        let service = ServiceBuilder::new()
-            .layer(ObserveLayer::new(catalogue))
-            .layer(drain.clone())
-            .layer(in_flight.clone())
-            .layer(DeadlineLayer::new(timeouts))
-            .layer(AuthLayer::new(auth))
-            .layer(RateLimitLayer::new(&settings.platform.server.rate_limit))
-            .layer(PanicGuardLayer)
-            .layer(ErrorDetailsLayer)
-            .service(routes.routes().prepare());
-
-        let tls = ServerTls::load(&settings.platform.tls)?;
-        Ok(Self {
-            service,
-            store,
-            health,
-            watch: WatchSettings {
-                migrate: settings.database.migrate,
-                interval: settings.platform.health.check_interval,
-                failure_threshold: settings.platform.health.failure_threshold.get(),
-                check_timeout: settings.database.connect_timeout,
-            },
-            tls,
-            tls_reload_interval: settings.platform.tls.reload_interval,
-            connections: Arc::new(ConnectionOptions::new(
-                &settings.platform.server,
-                settings.platform.tls.handshake_timeout,
-            )),
-            metrics,
-            drain,
-            in_flight,
-            shutdown: settings.platform.shutdown.clone(),
-        })
-    }
-
+impl Server {
     /// The metrics registry, when metrics are on; `run` serves it on `server.metrics_addr`.
     pub fn metrics(&self) -> Option<Arc<Metrics>> {
         self.metrics.clone()
@@ -308,18 +175,24 @@ impl Application {
         // However serving ends, the background tasks end with it.
         let _stop_background_on_exit = background.clone().drop_guard();
         // Certificate reloads first: SIGHUP is handled from here on, before anything reports SERVING.
-        tokio::spawn(platform::tls::watch(
+        tokio::spawn(crate::tls::watch(
             self.tls.clone(),
             self.tls_reload_interval,
             background.child_token(),
         ));
         let stop_health_watch = background.child_token();
-        let watcher = tokio::spawn(health::watch_database(
-            Arc::clone(&self.store),
-            self.health.clone(),
-            self.watch.clone(),
-            stop_health_watch.clone(),
-        ));
+        let watchers: Vec<_> = self
+            .readiness
+            .iter()
+            .map(|readiness| {
+                tokio::spawn(health::watch(
+                    readiness.clone(),
+                    self.health.clone(),
+                    self.watch.clone(),
+                    stop_health_watch.clone(),
+                ))
+            })
+            .collect();
 
         let connections = TaskTracker::new();
         let stop = Stop::default();
@@ -338,17 +211,19 @@ impl Application {
         let drain_started = Instant::now();
         stop_health_watch.cancel();
         let mut failure = None;
-        if let Err(err) = watcher.await {
-            tracing::error!(error = %err, "health watch task failed");
-            failure = Some(format!("the health watch task failed: {err}"));
+        for watcher in watchers {
+            if let Err(err) = watcher.await {
+                tracing::error!(error = %err, "health watch task failed");
+                failure = Some(format!("the health watch task failed: {err}"));
+            }
         }
-        health::draining(&self.health).await;
+        health::draining(&self.health, &self.readiness).await;
         tracing::info!(
             step = "not_serving",
             duration_ms = millis_since(drain_started),
             in_flight = self.in_flight.in_flight(),
             connections = connections.len(),
-            drain_delay = ?self.shutdown.drain_delay,
+            drain_delay = ?self.settings.shutdown.drain_delay,
             "drain: health reports NOT_SERVING; still serving for the drain delay"
         );
 
@@ -357,7 +232,7 @@ impl Application {
         let mut fast = {
             let mut delay_over = pin!(async {
                 tokio::select! {
-                    () = tokio::time::sleep(self.shutdown.drain_delay) => false,
+                    () = tokio::time::sleep(self.settings.shutdown.drain_delay) => false,
                     () = next_request(&mut requests) => true,
                 }
             });
@@ -379,7 +254,7 @@ impl Application {
             fast,
             in_flight = self.in_flight.in_flight(),
             connections = connections.len(),
-            drain_timeout = ?self.shutdown.drain_timeout,
+            drain_timeout = ?self.settings.shutdown.drain_timeout,
             "drain: stopped accepting and sent GOAWAY; calls in progress may finish"
         );
 
@@ -389,7 +264,7 @@ impl Application {
             && tokio::select! {
                 () = connections.wait() => true,
                 // The cut's grace comes out of the timeout, so that the whole step keeps to it.
-                () = tokio::time::sleep(self.shutdown.drain_timeout.saturating_sub(CUT_GRACE)) => false,
+                () = tokio::time::sleep(self.settings.shutdown.drain_timeout.saturating_sub(CUT_GRACE)) => false,
                 () = next_request(&mut requests) => {
                     fast = true;
                     false
@@ -429,16 +304,19 @@ impl Application {
         }
 
         let step = Instant::now();
-        if tokio::time::timeout(POOL_CLOSE_TIMEOUT, self.store.close())
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?POOL_CLOSE_TIMEOUT, "database pool not closed in time");
+        for readiness in &self.readiness {
+            let dependency = &readiness.dependency;
+            if tokio::time::timeout(CLOSE_TIMEOUT, dependency.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(timeout = ?CLOSE_TIMEOUT, "{} not closed in time", dependency.name());
+            }
         }
         tracing::info!(
             step = "close_pool",
             duration_ms = millis_since(step),
-            "drain: database pool closed"
+            "drain: dependencies closed"
         );
         background.cancel();
         tracing::info!(duration_ms = millis_since(drain_started), "server stopped");
@@ -472,7 +350,7 @@ impl Application {
                     connections.spawn(connection::serve(
                         io,
                         self.tls.clone(),
-                        self.service.clone(),
+                        self.calls.clone(),
                         Arc::clone(&self.connections),
                         stop.clone(),
                     ));
@@ -499,16 +377,22 @@ fn millis_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The `serve` command: listens on `server.grpc_addr`, and serves metrics on `server.metrics_addr`,
-/// until SIGINT or SIGTERM.
-pub async fn run(settings: &Settings) -> Result<(), ServerError> {
-    let (listener, local_addr) = bind(settings.platform.server.grpc_addr).await?;
-    let application = Application::build(settings).await?;
-    for warning in exposure_warnings(settings, local_addr) {
+impl Server {
+    /// The `serve` command: listens on `server.grpc_addr`, and serves metrics on
+    /// `server.metrics_addr`, until SIGINT or SIGTERM.
+    pub async fn run(self) -> Result<(), ServerError> {
+        run(self).await
+    }
+}
+
+async fn run(server: Server) -> Result<(), ServerError> {
+    let settings = server.settings.clone();
+    let (listener, local_addr) = bind(settings.server.grpc_addr).await?;
+    for warning in exposure_warnings(&settings, local_addr) {
         tracing::warn!(addr = %local_addr, "{warning}");
     }
     let stop_metrics = CancellationToken::new();
-    let metrics_endpoint = match (settings.platform.server.metrics_addr, application.metrics()) {
+    let metrics_endpoint = match (settings.server.metrics_addr, server.metrics()) {
         (Some(addr), Some(metrics)) => {
             let (metrics_listener, metrics_addr) = bind(addr).await?;
             tracing::info!(addr = %metrics_addr, "serving metrics at /metrics");
@@ -520,9 +404,9 @@ pub async fn run(settings: &Settings) -> Result<(), ServerError> {
         }
         _ => None,
     };
-    tracing::info!(addr = %local_addr, tls = application.tls.is_some(), "serving gRPC");
-    let mut served = application
-        .serve_until(incoming(listener), platform::shutdown::requests())
+    tracing::info!(addr = %local_addr, tls = server.tls.is_some(), "serving gRPC");
+    let mut served = server
+        .serve_until(incoming(listener), crate::shutdown::requests())
         .await;
     // Scrapes go on while the calls drain, so the last of them are counted; then the endpoint stops.
     stop_metrics.cancel();
@@ -573,18 +457,18 @@ pub fn incoming(
 }
 
 /// One warning per risk that the configuration leaves open, logged at start-up.
-fn exposure_warnings(settings: &Settings, addr: SocketAddr) -> Vec<&'static str> {
+fn exposure_warnings(settings: &PlatformSettings, addr: SocketAddr) -> Vec<&'static str> {
     let mut warnings = Vec::new();
-    if settings.platform.tls.cert_file.is_none() {
+    if settings.tls.cert_file.is_none() {
         warnings.push(
             "TLS is off (tls.cert_file is not set): calls, tokens and data cross the network in \
              plaintext; use it only for local development or behind a mesh that encrypts",
         );
     }
-    if settings.platform.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
+    if settings.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
         warnings.push(
             "authentication is off (auth.mode = \"none\") on a non-loopback address: anyone who \
-             can reach the port can read and change orders",
+             can reach the port can call every method",
         );
     }
     warnings
@@ -612,15 +496,15 @@ mod tests {
     fn start_up_warns_about_plaintext_and_about_no_auth_beyond_loopback() {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 50051));
         let everywhere = SocketAddr::from(([0, 0, 0, 0], 50051));
-        let mut settings = Settings::default();
+        let mut settings = PlatformSettings::default();
         assert_eq!(exposure_warnings(&settings, loopback).len(), 1);
         assert_eq!(exposure_warnings(&settings, everywhere).len(), 2);
-        settings.platform.tls.cert_file = Some("tls.crt".into());
-        settings.platform.tls.key_file = Some("tls.key".into());
+        settings.tls.cert_file = Some("tls.crt".into());
+        settings.tls.key_file = Some("tls.key".into());
         assert!(exposure_warnings(&settings, loopback).is_empty());
         let warnings = exposure_warnings(&settings, everywhere);
         assert!(warnings[0].contains("auth.mode"), "{warnings:?}");
-        settings.platform.auth.mode = AuthMode::Jwt;
+        settings.auth.mode = AuthMode::Jwt;
         assert!(exposure_warnings(&settings, everywhere).is_empty());
     }
 }

@@ -17,10 +17,6 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use platform::{
-    config::TimeoutSettings,
-    status::{self, Reason},
-};
 use tokio::{
     sync::oneshot,
     time::{Instant, Sleep},
@@ -32,7 +28,11 @@ use super::{
     body::{ends_call, status_trailers},
     non_zero,
 };
-use crate::api::{Method, MethodKind};
+use crate::methods::{Method, MethodKind};
+use crate::{
+    config::TimeoutSettings,
+    status::{self, Reason},
+};
 
 /// When the current call must be finished. Handlers read it from the request's extensions to see how
 /// much time they have left.
@@ -379,7 +379,21 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::served_methods;
+    use crate::testing::served_methods;
+
+    const ECHO: &str = "platform.testing.v1.EchoService";
+
+    /// The defaults, plus the deadlines a service would give its own methods.
+    fn timeouts() -> TimeoutSettings {
+        let mut settings = TimeoutSettings::default();
+        settings
+            .services
+            .insert(ECHO.to_owned(), Duration::from_secs(10));
+        settings
+            .methods
+            .insert(format!("{ECHO}/Repeat"), Duration::from_secs(60));
+        settings
+    }
 
     #[test]
     fn grpc_timeout_headers_parse_as_the_protocol_defines() {
@@ -410,17 +424,12 @@ mod tests {
 
     #[test]
     fn the_most_specific_timeout_wins_and_zero_means_none() {
-        let service = crate::health::ORDER_SERVICE_NAME;
-        let settings = crate::config::Settings::default();
-        let table = TimeoutTable::new(&settings.platform.server.timeouts, &served_methods())
-            .expect("defaults name served methods");
-        let path = |method: &str| format!("/{service}/{method}");
+        let table =
+            TimeoutTable::new(&timeouts(), &served_methods()).expect("they name served methods");
+        let path = |method: &str| format!("/{ECHO}/{method}");
         let timeout = |path: &str| table.for_path(path).timeout;
-        assert_eq!(
-            timeout(&path("SearchOrders")),
-            Some(Duration::from_secs(60))
-        );
-        assert_eq!(timeout(&path("GetOrder")), Some(Duration::from_secs(10)));
+        assert_eq!(timeout(&path("Repeat")), Some(Duration::from_secs(60)));
+        assert_eq!(timeout(&path("Say")), Some(Duration::from_secs(10)));
         assert_eq!(
             timeout("/grpc.health.v1.Health/Check"),
             Some(Duration::from_secs(30))
@@ -430,28 +439,26 @@ mod tests {
             timeout("/no.such.Service/Call"),
             Some(Duration::from_secs(30))
         );
-        assert!(table.for_path(&path("SearchOrders")).streams);
-        assert!(table.for_path(&path("ProcessOrders")).streams);
-        assert!(!table.for_path(&path("UpdateOrders")).streams);
+        assert!(table.for_path(&path("Repeat")).streams);
+        assert!(table.for_path(&path("Chat")).streams);
+        assert!(!table.for_path(&path("Collect")).streams);
     }
 
     #[test]
     fn unknown_names_in_the_table_are_refused() {
         let mut settings = TimeoutSettings::default();
-        settings.services.insert(
-            format!("{}Typo", crate::health::ORDER_SERVICE_NAME),
-            Duration::from_secs(1),
-        );
+        settings
+            .services
+            .insert(format!("{ECHO}Typo"), Duration::from_secs(1));
         let err = TimeoutTable::new(&settings, &served_methods()).expect_err("typo");
         assert!(err.contains("Typo"), "{err}");
 
         let mut settings = TimeoutSettings::default();
-        settings.methods.insert(
-            format!("{}/GetOrders", crate::health::ORDER_SERVICE_NAME),
-            Duration::from_secs(1),
-        );
+        settings
+            .methods
+            .insert(format!("{ECHO}/Says"), Duration::from_secs(1));
         let err = TimeoutTable::new(&settings, &served_methods()).expect_err("typo");
-        assert!(err.contains("GetOrders"), "{err}");
+        assert!(err.contains("Says"), "{err}");
     }
 
     #[tokio::test]
@@ -460,9 +467,8 @@ mod tests {
 
         use tower::ServiceExt;
 
-        let settings = crate::config::Settings::default();
-        let table = TimeoutTable::new(&settings.platform.server.timeouts, &served_methods())
-            .expect("defaults name served methods");
+        let table =
+            TimeoutTable::new(&timeouts(), &served_methods()).expect("they name served methods");
         let seen = Arc::new(Mutex::new(None));
         let handler = {
             let seen = Arc::clone(&seen);

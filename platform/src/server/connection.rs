@@ -27,7 +27,6 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use pin_project_lite::pin_project;
-use platform::config::ServerSettings;
 use tokio::{
     io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
     net::TcpStream,
@@ -37,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use super::{body::GuardedBody, non_zero};
-use platform::tls::{ClientIdentity, ServerTls};
+use crate::config::ServerSettings;
+use crate::tls::{ClientIdentity, ServerTls};
 
 /// The 24 bytes every HTTP/2 connection starts with.
 const PREFACE_LEN: usize = 24;

@@ -23,7 +23,7 @@ use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use platform::status::{self, Reason};
+use crate::status::{self, Reason};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ErrorDetailsLayer;
@@ -176,7 +176,7 @@ fn completed(status: &Status) -> Option<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use platform::status::error_reason;
+    use crate::status::error_reason;
 
     fn rewritten(status: Status) -> Status {
         let mut headers = HeaderMap::new();
@@ -218,12 +218,13 @@ mod tests {
         assert_eq!(status.message(), "internal error");
         assert_eq!(error_reason(&status), "INTERNAL");
 
+        // A service's own reason is kept as it is.
         let own = status::error(
             Code::Unavailable,
-            crate::status::DATABASE_UNAVAILABLE,
+            Reason::new("DEPENDENCY_UNAVAILABLE"),
             "retry",
         );
-        assert_eq!(error_reason(&rewritten(own)), "DATABASE_UNAVAILABLE");
+        assert_eq!(error_reason(&rewritten(own)), "DEPENDENCY_UNAVAILABLE");
 
         let mut ok = HeaderMap::new();
         ok.insert("grpc-status", 0.into());

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use platform::telemetry::metrics::{CONTENT_TYPE, Metrics};
+use crate::telemetry::metrics::{CONTENT_TYPE, Metrics};
 
 /// How long a scraper may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -20,7 +20,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::{body::GuardedBody, is_health_check};
-use platform::status::{self, Reason};
+use crate::status::{self, Reason};
 
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {

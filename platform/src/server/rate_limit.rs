@@ -23,13 +23,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tower::{Layer, Service};
 
 use super::{connection::Peer, is_health_check};
-use platform::config::RateLimitSettings;
-
-use platform::tls::ClientIdentity;
-
-use platform::status;
-
 use crate::auth::Subject;
+use crate::config::RateLimitSettings;
+use crate::status;
+use crate::tls::ClientIdentity;
 
 const PRUNE_EVERY: u64 = 1024;
 
