@@ -7,7 +7,9 @@
    their schemas. The PrometheusRule must carry exactly deploy/observability/alerts.yaml, and promtool
    checks it. The invariants a platform review asks for are asserted on the rendered objects: non-root,
    read-only root, no privilege escalation, no capabilities, seccomp, limits everywhere, a pinned image,
-   selectors that select, and ports and probes that match the configuration.
+   selectors that select, and ports and probes that match the configuration. The manifests write NAME,
+   API and NAMESPACE where the service's names go, and kustomize replacements fill them in from
+   deploy/k8s/base/service-name.yaml: none may be left in what an overlay renders.
 
 2. A pod run as Kubernetes would run it. There is no container engine here, so bubblewrap builds what the
    distroless image holds: the binary, its glibc libraries and /app/config/default.toml, plus only the
@@ -67,6 +69,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = REPO / "deploy" / "k8s" / "overlays"
 CRD_KINDS = {"Certificate", "ServiceMonitor", "PrometheusRule", "DestinationRule"}
+# What the manifests write for the service's names (deploy/k8s/base/service-name.yaml), as a word or a
+# part of one between -, ., / and the like: NAME-headless, /etc/NAME/tls, NAME.NAMESPACE.svc.
+PLACEHOLDER = re.compile(r"(?<![A-Za-z0-9_])(NAME|API|NAMESPACE)(?![A-Za-z0-9_])")
 failures: list[str] = []
 
 
@@ -170,6 +175,39 @@ def check_crd(name: str, doc: dict) -> None:
                       f"{name}: rule {rule.get('alert') or rule.get('record')} needs alert|record and expr")
     elif kind == "DestinationRule":
         require(name, doc, "spec.host")
+
+
+def check_placeholders(name: str, docs: list[dict]) -> None:
+    """Every NAME, API and NAMESPACE the manifests write is replaced: in keys (a label's) and values
+    alike. Not in a ConfigMap's data or a PrometheusRule's groups, copies of files that may say API in
+    prose."""
+
+    def walk(node, path: str):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(key, f"{path}.{key}")
+                yield from walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                yield from walk(value, f"{path}.{index}")
+        elif isinstance(node, str) and PLACEHOLDER.search(node):
+            yield path, node
+
+    for doc in docs:
+        copied = {"ConfigMap": "data", "PrometheusRule": "spec"}.get(doc["kind"])
+        content = {key: value for key, value in doc.items() if key != copied}
+        for path, value in walk(content, ""):
+            check(False, f"{name}: {doc['kind']} {doc['metadata']['name']}: {path.lstrip('.')} keeps "
+                  f"the placeholder in {value!r} (a replacement for it is missing)")
+
+
+def check_image_repository(overlay: str) -> None:
+    """The replacements write service-name.yaml's repository over whatever name the overlay's `images:`
+    entry for NAME gives: a newName there would be overwritten without a word."""
+    kustomization = yaml.safe_load((OVERLAYS / overlay / "kustomization.yaml").read_text())
+    for image in kustomization.get("images", []):
+        check(not (image.get("name") == "NAME" and "newName" in image),
+              f"{overlay}: images: NAME has a newName; the repository is deploy/k8s/base/service-name.yaml's image")
 
 
 def check_rules(name: str, docs: list[dict]) -> None:
@@ -779,6 +817,8 @@ def main() -> None:
         check_rules(overlay, docs)
         check_security(overlay, docs)
         check_wiring(overlay, docs)
+        check_placeholders(overlay, docs)
+        check_image_repository(overlay)
         if not args.static_only:
             with tempfile.TemporaryDirectory(prefix=f"deploy-check-{overlay}-") as work:
                 run_pod(overlay, docs, binary, token_tool, Path(work))
@@ -796,9 +836,11 @@ def main() -> None:
                 }))
                 rendered = run("kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", scratch)
                 if check(rendered.returncode == 0, f"{overlay} + {component.name}: {rendered.stderr}"):
-                    for doc in yaml.safe_load_all(rendered.stdout):
-                        if doc and doc["kind"] in CRD_KINDS:
+                    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+                    for doc in docs:
+                        if doc["kind"] in CRD_KINDS:
                             check_crd(f"{overlay} + {component.name}", doc)
+                    check_placeholders(f"{overlay} + {component.name}", docs)
     if failures:
         raise SystemExit(f"deploy/check: {len(failures)} failure(s)")
     print(f"deploy/check: OK ({', '.join(overlays)})")
