@@ -194,7 +194,10 @@ impl TwoServices {
                 Policy::new(testing::FILE_DESCRIPTOR_SET).scopes(&[("Add", "counter.write")]),
             )
             .readiness(&[ECHO], echo_dependency)
-            .readiness(&[COUNTER], Arc::clone(&counter_dependency) as Arc<dyn Dependency>)
+            .readiness(
+                &[COUNTER],
+                Arc::clone(&counter_dependency) as Arc<dyn Dependency>,
+            )
             .build()
             .await
             .expect("the server builds");
@@ -270,7 +273,9 @@ fn with_token<T>(message: T, scope: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {}", token(scope)).parse().expect("metadata"),
+        format!("Bearer {}", token(scope))
+            .parse()
+            .expect("metadata"),
     );
     request
 }
@@ -313,7 +318,10 @@ async fn each_service_has_its_own_scopes() {
         .expect("a counter writer adds");
     assert_eq!(added.into_inner().total, 2);
     let refused = echo
-        .say(with_token(SayRequest { text: "hi".into() }, "counter.write"))
+        .say(with_token(
+            SayRequest { text: "hi".into() },
+            "counter.write",
+        ))
         .await
         .expect_err("a counter writer cannot say");
     assert_eq!(refused.code(), Code::PermissionDenied);
