@@ -127,7 +127,10 @@ impl ServerBuilder {
                 .iter()
                 .map(|(method, scope)| (format!("{}/{method}", S::NAME), *scope)),
         );
-        self.descriptor_sets.push(policy.descriptor_set);
+        // Services compiled from one proto directory share one set: each set is read once.
+        if !self.descriptor_sets.contains(&policy.descriptor_set) {
+            self.descriptor_sets.push(policy.descriptor_set);
+        }
         self.routes.add_service(service);
         self
     }
