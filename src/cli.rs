@@ -1,8 +1,9 @@
 //! The command line: `serve` (the default), `migrate`, `healthcheck` and `print-config`.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use platform::cli::HealthcheckArgs;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -27,22 +28,4 @@ pub enum Command {
     Healthcheck(HealthcheckArgs),
     /// Print the merged configuration, with secrets redacted.
     PrintConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
-pub struct HealthcheckArgs {
-    /// The server to ask, `HOST:PORT` [default: `server.grpc_addr`, on loopback]
-    #[arg(long, value_name = "HOST:PORT")]
-    pub addr: Option<String>,
-    /// The service whose status to ask: empty for the whole server (liveness), or e.g. the API's
-    /// full name (readiness)
-    #[arg(long, value_name = "NAME", default_value = "")]
-    pub service: String,
-    /// How long the whole probe may take
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub timeout: Duration,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, humantime_serde::re::humantime::DurationError> {
-    humantime_serde::re::humantime::parse_duration(text)
 }

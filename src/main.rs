@@ -43,12 +43,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry.shutdown().await;
         }
         Command::Healthcheck(args) => {
-            let probe = healthcheck::Probe {
-                addr: args.addr,
-                service: args.service,
-                timeout: args.timeout,
-            };
-            healthcheck::check(&settings.platform, &probe).await?;
+            healthcheck::check(&settings.platform, &args.probe()).await?;
             println!("SERVING");
         }
         Command::PrintConfig => print!("{}", settings.to_redacted_toml()?),

@@ -2,6 +2,7 @@
 //! gRPC services, their policy and its readiness checks, and this crate runs them.
 
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod health;
