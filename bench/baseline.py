@@ -2,7 +2,7 @@
 """The service's performance baseline, reproducible on any machine: `bench/baseline.py`.
 
 It builds the release binaries (unless --no-build), runs each one on loopback as a fresh process, drives
-it with the load generator (examples/loadgen.rs) and the scenarios in bench/scenarios/, and prints one
+it with the load generator (examples/loadgen/) and the scenarios in bench/scenarios/, and prints one
 markdown table per section (docs/performance.md is written from this output):
 
 main           Every scenario against the service on SQLite and on PostgreSQL: calls/s, p50 and p99
