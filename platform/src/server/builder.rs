@@ -14,6 +14,7 @@ use super::{
     drain::DrainLayer,
     error_details::ErrorDetailsLayer,
     in_flight::InFlightLimitLayer,
+    is_health_check,
     observe::{Catalogue, ObserveLayer},
     panic_guard::PanicGuardLayer,
     rate_limit::RateLimitLayer,
@@ -214,14 +215,14 @@ impl ServerBuilder {
             &settings.telemetry.redact_fields,
         )?;
         let drain = DrainLayer::new();
-        let in_flight = InFlightLimitLayer::new(max_in_flight);
+        let in_flight = InFlightLimitLayer::new(max_in_flight).exempt(is_health_check);
         let calls = ServiceBuilder::new()
             .layer(ObserveLayer::new(catalogue))
             .layer(drain.clone())
             .layer(in_flight.clone())
             .layer(DeadlineLayer::new(timeouts))
             .layer(AuthLayer::new(auth))
-            .layer(RateLimitLayer::new(&settings.server.rate_limit))
+            .layer(RateLimitLayer::new(&settings.server.rate_limit).exempt(is_health_check))
             .layer(PanicGuardLayer)
             .layer(ErrorDetailsLayer)
             .service(routes.routes().prepare());

@@ -19,13 +19,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 use tower::{Layer, Service};
 
-use super::{body::GuardedBody, is_health_check};
+use super::{Exempt, body::GuardedBody};
 use crate::status::{self, Reason};
 
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {
     permits: Arc<Semaphore>,
     max: usize,
+    exempt: Exempt,
 }
 
 impl InFlightLimitLayer {
@@ -34,7 +35,14 @@ impl InFlightLimitLayer {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            exempt: |_| false,
         }
+    }
+
+    /// Calls to the paths `exempt` picks are never refused, and not counted.
+    pub fn exempt(mut self, exempt: Exempt) -> Self {
+        self.exempt = exempt;
+        self
     }
 
     /// Calls in progress now (health checks aside), for the drain's log lines.
@@ -50,6 +58,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
         InFlightLimit {
             inner,
             permits: Arc::clone(&self.permits),
+            exempt: self.exempt,
         }
     }
 }
@@ -58,6 +67,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
 pub struct InFlightLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    exempt: Exempt,
 }
 
 type Response<B> = http::Response<GuardedBody<B, OwnedSemaphorePermit>>;
@@ -76,7 +86,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let permit = if is_health_check(request.uri().path()) {
+        let permit = if (self.exempt)(request.uri().path()) {
             None
         } else {
             match Arc::clone(&self.permits).try_acquire_owned() {

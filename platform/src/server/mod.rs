@@ -51,6 +51,9 @@ use crate::{
     tls::{ServerTls, TlsError},
 };
 
+/// Picks the calls (by path) a limit lets through untouched.
+type Exempt = fn(&str) -> bool;
+
 /// Whether a call is a health probe (`Health/Check`), which load shedding and rate limits never
 /// refuse: probes must keep answering while the server is busy, or orchestrators restart a busy pod.
 /// `Health/Watch` is a stream that stays open, so it counts like any other call.

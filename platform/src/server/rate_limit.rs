@@ -22,11 +22,8 @@ use futures::future::{Either, Ready, ready};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tower::{Layer, Service};
 
-use super::{connection::Peer, is_health_check};
-use crate::auth::Subject;
-use crate::config::RateLimitSettings;
-use crate::status;
-use crate::tls::ClientIdentity;
+use super::{Exempt, connection::Peer};
+use crate::{auth::Subject, config::RateLimitSettings, status, tls::ClientIdentity};
 
 const PRUNE_EVERY: u64 = 1024;
 
@@ -49,6 +46,7 @@ struct Buckets {
 #[derive(Clone)]
 pub struct RateLimitLayer {
     buckets: Option<Arc<Buckets>>,
+    exempt: Exempt,
 }
 
 impl RateLimitLayer {
@@ -60,7 +58,16 @@ impl RateLimitLayer {
                 calls: AtomicU64::new(0),
             })
         });
-        Self { buckets }
+        Self {
+            buckets,
+            exempt: |_| false,
+        }
+    }
+
+    /// Calls to the paths `exempt` picks are never limited.
+    pub fn exempt(mut self, exempt: Exempt) -> Self {
+        self.exempt = exempt;
+        self
     }
 }
 
@@ -71,6 +78,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             buckets: self.buckets.clone(),
+            exempt: self.exempt,
         }
     }
 }
@@ -79,6 +87,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     buckets: Option<Arc<Buckets>>,
+    exempt: Exempt,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RateLimit<S>
@@ -96,7 +105,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         if let Some(buckets) = &self.buckets
-            && !is_health_check(request.uri().path())
+            && !(self.exempt)(request.uri().path())
         {
             let key = client_key(request.extensions());
             if let Err(not_until) = buckets.limiter.check_key(&key) {
