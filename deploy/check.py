@@ -12,9 +12,11 @@
    deploy/k8s/base/service-name.yaml: none may be left in what an overlay renders.
 
 2. A pod run as Kubernetes would run it. There is no container engine here, so bubblewrap builds what the
-   distroless image holds: the binary, its glibc libraries and /app/config/default.toml, plus only the
-   volumes and environment the rendered Deployment gives it. The root is read-only and the process runs
-   under the numeric user of the securityContext. Then, as the kubelet would:
+   distroless image holds: the binary given on the command line, at the image's path for it (the
+   Dockerfile's ENTRYPOINT, /usr/local/bin/service, whatever the service's name), its glibc libraries
+   and /app/config/default.toml, plus only the volumes and environment the rendered Deployment gives
+   it. The root is read-only and the process runs under the numeric user of the securityContext. Then,
+   as the kubelet would:
    - refuse to start while settings the cluster's owner must fill in are empty (JWT issuer and
      audience), then run with them filled in;
    - run the migration Job, if the overlay has one;
@@ -111,19 +113,36 @@ def one(docs: list[dict], kind: str) -> dict | None:
 
 @functools.cache
 def image_contract() -> dict:
-    """What the Dockerfile promises: working directory, entrypoint, user, HEALTHCHECK command."""
+    """What the Dockerfile promises: working directory, entrypoint, user, HEALTHCHECK command, and the
+    binary's path in the image (the ENTRYPOINT's program), where the sandbox puts the binary it is given."""
     text = (REPO / "Dockerfile").read_text()
     runtime = text.split("\nFROM ")[-1]  # the last stage is the image
     joined = re.sub(r"\\\n\s*", " ", runtime)
     healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", joined, re.M)
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])", runtime, re.M).group(1))
     return {
         "workdir": re.search(r"^WORKDIR (\S+)", runtime, re.M).group(1),
-        "entrypoint": json.loads(re.search(r"^ENTRYPOINT (\[.*\])", runtime, re.M).group(1)),
+        "entrypoint": entrypoint,
+        "binary": entrypoint[0],
+        "copied": re.findall(r"^COPY --from=builder (?:--\S+ )*(\S+) (\S+)$", runtime, re.M),
         "cmd": json.loads(re.search(r"^CMD (\[.*\])", runtime, re.M).group(1)),
         "user": re.search(r"^USER (\S+)", runtime, re.M).group(1),
         "healthcheck": json.loads(healthcheck.group(1)) if healthcheck else None,
         "config_files": re.findall(r"^COPY (config/\S+) (\S+)", runtime, re.M),
     }
+
+
+def check_image() -> None:
+    """The Dockerfile's runtime stage: its ENTRYPOINT runs the binary the builder stage copied in, and
+    so does its HEALTHCHECK. The binary's path names no service, so the manifests can spell it."""
+    image = image_contract()
+    binary = image["binary"]
+    copied = check(any(target == binary for _, target in image["copied"]),
+                   f"Dockerfile: ENTRYPOINT runs {binary}, which no COPY --from=builder puts in the image")
+    checked = check(image["healthcheck"] is not None and image["healthcheck"][0] == binary,
+                    f"Dockerfile: HEALTHCHECK runs {(image['healthcheck'] or [None])[0]}, not the ENTRYPOINT's {binary}")
+    if copied and checked:
+        say(f"Dockerfile: ENTRYPOINT and HEALTHCHECK run {binary}, copied from the builder stage")
 
 
 # --- Part 1: what the manifests say ----------------------------------------------------------------
@@ -254,6 +273,22 @@ def check_security(name: str, docs: list[dict]) -> None:
             check("@sha256:" in image or (tag and tag != "latest"), f"{where}: image {image!r} is not pinned")
 
 
+def check_binary_path(name: str, docs: list[dict]) -> None:
+    """What the containers run in the image is the image's binary: exec probes and a `command` name its
+    path (the Dockerfile's ENTRYPOINT), not a path of their own."""
+    binary = image_contract()["binary"]
+    for what, template in pod_workloads(docs):
+        for container in template["spec"].get("containers", []) + template["spec"].get("initContainers", []):
+            where = f"{name}: {what}/{container['name']}"
+            if container.get("command"):
+                check(container["command"][0] == binary,
+                      f"{where}: command runs {container['command'][0]}, the image's binary is {binary}")
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                command = container.get(kind, {}).get("exec", {}).get("command")
+                if command:
+                    check(command[0] == binary, f"{where}: {kind} runs {command[0]}, the image's binary is {binary}")
+
+
 def labels_match(selector: dict, labels: dict) -> bool:
     match = selector.get("matchLabels", selector)
     return bool(match) and all(labels.get(key) == value for key, value in match.items())
@@ -312,7 +347,7 @@ def probe_service(probe: dict) -> str | None:
     if "grpc" in probe:
         return probe["grpc"].get("service", "")
     command = probe.get("exec", {}).get("command", [])
-    if command[:2] == [image_contract()["entrypoint"][0], "healthcheck"] and "--service" in command:
+    if command[:2] == [image_contract()["binary"], "healthcheck"] and "--service" in command:
         return command[command.index("--service") + 1]
     return None
 
@@ -450,7 +485,8 @@ def sandbox(binary: Path, image: dict, uid: int, gid: int, mounts: list[tuple[st
     for path in ("/etc/hosts", "/etc/resolv.conf"):
         if Path(path).exists():
             command += ["--ro-bind", path, path]
-    command += ["--ro-bind", str(binary), image["entrypoint"][0]]
+    # The binary given on the command line, wherever it was built, at the image's path for it.
+    command += ["--ro-bind", str(binary), image["binary"]]
     for source, target in image["config_files"]:
         command += ["--ro-bind", str(REPO / source), target]
     for target, source, read_only in mounts:
@@ -491,7 +527,7 @@ def run_image(binary: Path, work: Path) -> None:
                  f"docker run: the HEALTHCHECK never passed:\n{(work / 'image.log').read_text()[-3000:]}"):
             check((app / "orders.db").exists(), "docker run: no SQLite database in /app")
             say("docker run: the image's defaults serve on SQLite in /app, and its HEALTHCHECK passes")
-        terminate(process, binary)
+        terminate(process)
         check(process.wait(timeout=30) == 0, "docker run: no clean exit on SIGTERM")
     finally:
         if process.poll() is None:
@@ -631,12 +667,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def terminate(sandboxed: subprocess.Popen, binary: Path) -> bool:
+def terminate(sandboxed: subprocess.Popen) -> bool:
     """SIGTERM to the service inside a bubblewrap sandbox, as a container runtime signals the
-    container's process rather than bubblewrap (the kernel truncates comm to 15 characters).
+    container's process rather than bubblewrap. The process is known by the name it runs under in the
+    image, not the name of the file it was given (the kernel truncates comm to 15 characters).
     False when there is no such process."""
+    name = Path(image_contract()["binary"]).name[:15]
     serving = [pid for pid in descendants(sandboxed.pid)
-               if Path(f"/proc/{pid}/comm").read_text().strip() == binary.name[:15]]
+               if Path(f"/proc/{pid}/comm").read_text().strip() == name]
     for pid in serving[-1:]:
         os.kill(pid, signal.SIGTERM)
     return bool(serving)
@@ -741,7 +779,7 @@ def run_pod(name: str, docs: list[dict], binary: Path, token_tool: Path, work: P
             check(probe_service(startup) == "", f"{name}: startup must ask for the whole server (\"\")")
 
         grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-        check(terminate(server_process, binary), f"{name}: no server process to stop")
+        check(terminate(server_process), f"{name}: no server process to stop")
         stopping = time.monotonic()
         try:
             code = server_process.wait(timeout=grace)
@@ -810,6 +848,7 @@ def main() -> None:
         check(size <= args.max_binary_mb, f"the binary is {size:.1f} MB, over its {args.max_binary_mb} MB budget")
     token_tool = binary.parent / "examples" / "dev-token"
     overlays = args.overlay or sorted(path.name for path in OVERLAYS.iterdir() if path.is_dir())
+    check_image()
     for overlay in overlays:
         docs = render(OVERLAYS / overlay)
         print(f"deploy/check: {overlay}: {len(docs)} objects")
@@ -817,6 +856,7 @@ def main() -> None:
         check_rules(overlay, docs)
         check_security(overlay, docs)
         check_wiring(overlay, docs)
+        check_binary_path(overlay, docs)
         check_placeholders(overlay, docs)
         check_image_repository(overlay)
         if not args.static_only:
