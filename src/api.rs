@@ -15,21 +15,12 @@ pub use platform::methods::{Method, MethodKind};
 /// The API's full service name, as health checks and configuration name it.
 pub const ORDER_SERVICE_NAME: &str = order_service_server::SERVICE_NAME;
 
-/// Every method of every service the server can serve: the API, health and both reflection versions.
-/// Configuration naming methods (timeouts, public methods) is checked against this at start-up.
+/// Every method the server serves: the API's and the platform's (health, reflection). The server
+/// reads the same descriptors when it is built; this is for the tests that check the API against it.
 pub fn served_methods() -> Vec<Method> {
-    platform::methods::methods_in(&descriptor_sets())
-}
-
-/// The API's and the platform's message types, to decode their messages for the log.
-pub fn descriptor_pool() -> prost_reflect::DescriptorPool {
-    platform::methods::descriptor_pool(&descriptor_sets())
-}
-
-fn descriptor_sets() -> Vec<&'static [u8]> {
     let mut sets = vec![FILE_DESCRIPTOR_SET];
     sets.extend(platform::methods::PLATFORM_DESCRIPTOR_SETS);
-    sets
+    platform::methods::methods_in(&sets)
 }
 
 #[cfg(test)]

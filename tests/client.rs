@@ -1,4 +1,4 @@
-//! The reference client (`app::client`) against servers in this process on loopback ports: it
+//! The reference client (`platform::client`, with the API's calls from `app::client`) against servers in this process on loopback ports: it
 //! honours the server's pushback, and it takes a dead address out of its rotation and retries
 //! elsewhere. (Its rolling restart across real processes is in `tests/binary.rs`.)
 

@@ -101,8 +101,8 @@ pub fn init(
     // which would make every span of every crate live (and cost) with traces off.
     let mut layers = vec![log_layer];
     if let Some(provider) = &tracer_provider {
-        // The spans of this crate (calls and their database operations) and the events inside
-        // them; not those of the libraries below, and never the exporter's own (it would trace
+        // The spans of the service and the platform (calls and their database operations) and the
+        // events inside them; not those of the libraries below, and never the exporter's own (it would trace
         // itself).
         layers.push(
             tracing_opentelemetry::layer()
@@ -115,6 +115,7 @@ pub fn init(
                 .with_filter(
                     Targets::new()
                         .with_target("app", LevelFilter::INFO)
+                        .with_target("platform", LevelFilter::INFO)
                         .with_target(UNSAMPLED_CALL_SPAN_TARGET, LevelFilter::OFF),
                 )
                 .boxed(),
