@@ -81,8 +81,26 @@ LOADGEN_BIN = RELEASE / "examples" / "loadgen"
 BARE_BIN = RELEASE / "examples" / "bare-server"
 SINK_BIN = RELEASE / "examples" / "otlp-sink"
 SCENARIO_DIR = REPO / "bench" / "scenarios"
-# The API's service as the scenarios call it (`package.Service/Method`): the readiness probe asks for it.
-API_SERVICE = json.loads((SCENARIO_DIR / "get-order.json").read_text())["call"].split("/")[0]
+
+
+def full_service_name(name: str) -> str:
+    """`package.Service` for a service the scenarios name by its short name (loadgen resolves those in
+    any package): the package is read from the proto file under proto/ that declares the service."""
+    if "." in name:
+        return name
+    for proto in sorted((REPO / "proto").rglob("*.proto")):
+        text = proto.read_text()
+        package = re.search(r"^package\s+([\w.]+)\s*;", text, re.MULTILINE)
+        if package and re.search(rf"^service\s+{re.escape(name)}\b", text, re.MULTILINE):
+            return f"{package.group(1)}.{name}"
+    sys.exit(f"baseline: no proto file under proto/ declares service {name}")
+
+
+# The API's service as the scenarios call it (`Service/Method`, or `package.Service/Method`), in full:
+# the readiness probe asks for it.
+API_SERVICE = full_service_name(
+    json.loads((SCENARIO_DIR / "get-order.json").read_text())["call"].split("/")[0]
+)
 BUILD_COMMAND = [
     "cargo",
     "build",
